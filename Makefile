@@ -1,0 +1,32 @@
+# `make lab`: set up .venv on first use, then open JupyterLab on the notebooks.
+# `make test`: set up .venv on first use, then run the unit tests and every notebook.
+# Both reinstall nothing on a second run: .venv/.installed records the last install.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: lab test bench clean-venv
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	# d2l is the reference the tests compare against. --no-deps: its exact pins
+	# would downgrade numpy and break current Python.
+	$(BIN)/python -m pip install --quiet --no-deps d2l==1.0.3
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/
+
+# TINYSSD_FAST=1 is the one fast-mode switch: long notebooks shrink their runs.
+test: $(STAMP)
+	TINYSSD_FAST=1 MPLBACKEND=Agg $(BIN)/python -m pytest -q --nbval --nbval-current-env tests notebooks
+
+bench: $(STAMP)
+	$(BIN)/python tests/benchmark.py
+
+clean-venv:
+	rm -rf $(VENV)
