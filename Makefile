@@ -23,7 +23,7 @@ lab: $(STAMP)
 
 # TINYSSD_FAST=1 is the one fast-mode switch: long notebooks shrink their runs.
 test: $(STAMP)
-	TINYSSD_FAST=1 MPLBACKEND=Agg $(BIN)/python -m pytest -q --nbval --nbval-current-env tests notebooks
+	TINYSSD_FAST=1 $(BIN)/python -m pytest -q --nbval --nbval-current-env tests notebooks
 
 bench: $(STAMP)
 	$(BIN)/python tests/benchmark.py
