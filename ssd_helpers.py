@@ -9,6 +9,7 @@ Read it as a book. The sections follow the notebooks:
     4a. Boxes, anchors and IoU                     (04a_anchors)
     4b. Labelling anchors, offsets and NMS         (04b_labelling_and_nms)
     5. The TinySSD model                           (05_model)
+    6. Data: an offline banana dataset, its loader (06_data)
 
 Conventions used everywhere:
 
@@ -23,14 +24,22 @@ There is no module-level state: the device, the config and the seed are passed
 in explicitly.
 """
 
+import csv
 import dataclasses
+import hashlib
+import math
 import os
+import pathlib
 import random
+import shutil
+import tempfile
 
 import matplotlib.pyplot as plt
 import numpy as np
+import skimage.data
 import torch
 import torchvision
+from PIL import Image, ImageDraw, ImageFilter
 from torch import nn
 
 __all__ = [
@@ -50,6 +59,11 @@ __all__ = [
     "multibox_target", "nms", "multibox_detection",
     # 5. Model
     "blk_forward", "TinySSD",
+    # 6. Data
+    "banana_sprite", "orange_sprite", "load_backgrounds", "random_background", "render_scene",
+    "generate_banana_detection", "generate_small_bananas", "generate_fruit_detection",
+    "make_test_scene", "draw_boxes", "DatasetError", "read_detection_folder",
+    "DetectionDataset", "load_data_bananas",
 ]
 
 
@@ -546,3 +560,1113 @@ class TinySSD(nn.Module):
         cls_preds = concat_preds(cls_preds)
         cls_preds = cls_preds.reshape(cls_preds.shape[0], -1, self.config.num_classes + 1)
         return anchors, cls_preds, concat_preds(bbox_preds)  # bbox_preds: (batch, A * 4)
+
+
+# ---------------------------------------------------------------------------
+# 6. Data: a banana dataset made offline, and its loader (06_data)
+# ---------------------------------------------------------------------------
+#
+# Photo-like fruit sprites (a banana and an orange) are drawn procedurally and
+# pasted on random crops of real photographs that ship inside scikit-image, so
+# nothing is ever downloaded. Conventions of this section:
+#
+# * Images are numpy arrays (H, W, 3): uint8 in 0..255 when they leave the
+#   section, float32 in 0..1 while we work on them.
+# * Sprites are float32 (h, w, 4) PREMULTIPLIED RGBA in 0..1: pasting one is
+#   ``out = rgb + (1 - alpha) * background``.
+# * A pixel belongs to an object when its visible alpha is above ALPHA_THRESHOLD.
+# * Boxes are integer pixels (xmin, ymin, xmax, ymax) with an exclusive upper end
+#   (d2l's convention): the box covers columns xmin .. xmax - 1.
+# * Class ids: 0 = banana, 1 = orange.
+
+IMAGE_SIZE = 256
+DATA_DIR = pathlib.Path(__file__).resolve().parent / "data"  # git-ignored cache
+BANANA, ORANGE = 0, 1
+ALPHA_THRESHOLD = 0.5
+CSV_HEADER = ("img_name", "label", "xmin", "ymin", "xmax", "ymax")
+MARKER_FILE = "COMPLETE.txt"
+FORMAT_VERSION = 1
+SUPERSAMPLE = 3           # sprites are drawn at 3x3 samples per pixel
+BANANA_BOX = (34, 73)     # box sides (px) of d2l's real banana labels
+SMALL_BANANA_BOX = (15, 30)
+ORANGE_BOX = (26, 52)
+FRUIT_BANANA_BOX = (30, 64)   # bananas in the multi-object scenes
+MAX_FRUIT = 6                 # fruit scenes hold 0..6 objects
+MAX_ASPECT = 1.5          # largest allowed ratio of the two box sides
+MAX_OUTSIDE = 0.12        # at most 12% of a box may leave the frame per side
+MIN_VISIBLE = 0.4         # drop objects with less than 40% left visible
+MIN_SIDE = 6              # ... or with a visible box side below 6 px
+PNG_COMPRESSION = 1       # fastest zlib level; PNG bytes stay deterministic
+
+# Photos inside skimage/data (no network needed). Colour photos map to
+# None; grey ones map to the RGB tint they are coloured with.
+BACKGROUND_FILES = (
+    ("astronaut.png", None), ("chelsea.png", None), ("coffee.png", None),
+    ("motorcycle_left.png", None), ("rocket.jpg", None),
+    ("brick.png", (1.0, 0.72, 0.58)), ("grass.png", (0.78, 0.95, 0.55)),
+    ("gravel.png", (0.95, 0.88, 0.78)), ("camera.png", (1.0, 0.97, 0.92)),
+)
+TEST_SCENE_FILES = ("coffee.png", "chelsea.png", "astronaut.png", "motorcycle_left.png")
+
+# sRGB colours (0..1) of a banana peel at increasing ripeness.
+RIPENESS_COLOURS = (
+    (0.55, 0.66, 0.20),   # green
+    (0.80, 0.82, 0.25),   # green-yellow
+    (0.97, 0.84, 0.24),   # yellow
+    (0.95, 0.79, 0.22),   # ripe, deep yellow
+)
+
+
+# 6a. Drawing helpers
+def smoothstep(edge0, edge1, x):
+    """Smooth 0->1 ramp between edge0 and edge1 (works if edge0 > edge1).
+
+    x: float array of any shape; returns float32 array of the same shape.
+    """
+    u = np.clip((x - edge0) / (edge1 - edge0), 0.0, 1.0)
+    return (u * u * (3.0 - 2.0 * u)).astype(np.float32)
+
+
+def mix(a, b, weight):
+    """Linear blend ``a + (b - a) * weight`` with weight (...,) or (..., 1).
+
+    a, b: colour arrays broadcastable to (..., 3); weight in [0, 1].
+    """
+    if np.ndim(weight) > 0:
+        weight = weight[..., None]
+    return a + (b - a) * weight
+
+
+def sample_noise(grid, u, v):
+    """Bilinearly sample a 2-D noise grid at normalised coordinates.
+
+    grid: float32 (gu, gv); u, v: float arrays of equal shape, in [0, 1]
+    (values outside are clamped). Returns float32 array shaped like u.
+    """
+    gu, gv = grid.shape
+    x = np.clip(u, 0.0, 1.0) * (gu - 1)
+    y = np.clip(v, 0.0, 1.0) * (gv - 1)
+    x0 = np.minimum(x.astype(np.int32), gu - 2)
+    y0 = np.minimum(y.astype(np.int32), gv - 2)
+    fx, fy = smoothstep(0, 1, x - x0), smoothstep(0, 1, y - y0)  # rounder blobs
+    top = grid[x0, y0] * (1 - fy) + grid[x0, y0 + 1] * fy
+    bottom = grid[x0 + 1, y0] * (1 - fy) + grid[x0 + 1, y0 + 1] * fy
+    return (top * (1 - fx) + bottom * fx).astype(np.float32)
+
+
+def random_light(rng):
+    """A random key-light direction: unit float32 vector (x, y, z).
+
+    x points right and y down in the image, z towards the camera; the
+    light always comes from the camera's side (z between 0.45 and 0.8).
+    """
+    azimuth = rng.uniform(0, 2 * math.pi)
+    z = rng.uniform(0.45, 0.8)
+    r = math.sqrt(1 - z * z)
+    return np.array([r * math.cos(azimuth), r * math.sin(azimuth), z],
+                    dtype=np.float32)
+
+
+def local_grid(canvas_hw, scale, angle, center):
+    """Map supersampled canvas pixel centres into an object's local frame.
+
+    canvas_hw: (h, w) of the final sprite in pixels; scale: pixels per
+    local unit; angle: rotation in radians (local -> image); center: local
+    (x, y) drawn at the canvas centre. Returns float32 arrays (x, y) of
+    shape (h * SUPERSAMPLE, w * SUPERSAMPLE).
+    """
+    h, w = canvas_hw
+    ys = (np.arange(h * SUPERSAMPLE) + 0.5) / SUPERSAMPLE - h / 2
+    xs = (np.arange(w * SUPERSAMPLE) + 0.5) / SUPERSAMPLE - w / 2
+    gx, gy = np.meshgrid(xs.astype(np.float32), ys.astype(np.float32))
+    c, s = math.cos(angle), math.sin(angle)
+    x = (c * gx + s * gy) / scale + center[0]
+    y = (-s * gx + c * gy) / scale + center[1]
+    return x, y
+
+
+def to_local(vector_xy, angle):
+    """Rotate an image-space 2-D direction into the local frame (floats)."""
+    c, s = math.cos(angle), math.sin(angle)
+    return c * vector_xy[0] + s * vector_xy[1], -s * vector_xy[0] + c * vector_xy[1]
+
+
+def rotated_extent(points, angle):
+    """Bounding-box centre and size of local points after rotation.
+
+    points: float (N, 2) local (x, y). Returns (center_xy, (width, height))
+    in local units, the centre given back in local coordinates.
+    """
+    c, s = math.cos(angle), math.sin(angle)
+    rx = c * points[:, 0] - s * points[:, 1]
+    ry = s * points[:, 0] + c * points[:, 1]
+    mid = np.array([(rx.min() + rx.max()) / 2, (ry.min() + ry.max()) / 2])
+    center = np.array([c * mid[0] + s * mid[1], -s * mid[0] + c * mid[1]])
+    return center, (rx.max() - rx.min(), ry.max() - ry.min())
+
+
+def finish_sprite(linear_rgb, coverage):
+    """Turn supersampled linear colour + coverage into a premultiplied sprite.
+
+    linear_rgb: float32 (H*S, W*S, 3) linear-light colour; coverage:
+    float32 (H*S, W*S) in [0, 1]. Box-filters S x S blocks (anti-aliasing),
+    converts to sRGB (gamma 2.2) and returns float32 (H, W, 4) premultiplied.
+    """
+    hs, ws = coverage.shape
+    h, w, k = hs // SUPERSAMPLE, ws // SUPERSAMPLE, SUPERSAMPLE
+    premult = np.concatenate([linear_rgb * coverage[..., None],
+                              coverage[..., None]], axis=2)
+    small = premult.reshape(h, k, w, k, 4).mean(axis=(1, 3))
+    alpha = small[..., 3:]
+    straight = np.clip(small[..., :3] / np.maximum(alpha, 1e-6), 0, 1)
+    srgb = straight ** (1 / 2.2)
+    return np.concatenate([srgb * alpha, alpha], axis=2).astype(np.float32)
+
+
+# 6b. The banana sprite
+@dataclasses.dataclass(frozen=True)
+class BananaShape:
+    """Random parameters of one banana, in local units (body length = 1).
+
+    The spine is a circular arc of angle ``bend`` (radians) and length 1;
+    ``t`` runs along it from 0 (stem end of the body) to 1 (flower tip).
+    The neck (stem) continues to ``t = -neck_len``, the tip nub to
+    ``1 + tip_len``. half_width: largest half-thickness; peak, fullness:
+    where the body is thickest and how blunt its ends are. Colours are
+    sRGB 0..1; green_ends, speckle, blotch: amounts of green ends, sugar
+    spots and brown bruises; facet: strength of the ridges; gloss: shine;
+    mirrored: stem on the other side; texture_seed: seeds the peel noise.
+    """
+    bend: float
+    half_width: float
+    peak: float
+    fullness: float
+    neck_len: float
+    neck_width: float
+    tip_len: float
+    colour: tuple
+    neck_colour: tuple
+    green_ends: float
+    speckle: float
+    blotch: float
+    facet: float
+    facet_offset: float
+    gloss: float
+    mirrored: bool
+    texture_seed: int
+
+
+def random_banana_shape(rng):
+    """Draw a random BananaShape (curvature, thickness, ripeness, ...)."""
+    ripeness = rng.uniform(1.7, 3.0) if rng.random() < 0.75 else rng.uniform(0.5, 1.7)
+    palette, i = np.array(RIPENESS_COLOURS), min(int(ripeness), 2)
+    colour = palette[i] + (ripeness - i) * (palette[i + 1] - palette[i])
+    colour = np.clip(colour * rng.uniform(0.92, 1.05) + rng.normal(0, 0.02, 3), 0, 1)
+    neck = np.array([0.42, 0.50, 0.16]) + (ripeness / 3) * np.array([0.16, 0.06, 0.02])
+    w = rng.uniform(0.095, 0.135)
+    return BananaShape(
+        bend=rng.uniform(0.8, 1.6), half_width=w,
+        peak=rng.uniform(0.85, 1.2), fullness=rng.uniform(0.45, 0.7),
+        neck_len=rng.uniform(0.1, 0.17), neck_width=w * rng.uniform(0.34, 0.44),
+        tip_len=rng.uniform(0.015, 0.03),
+        colour=tuple(map(float, colour)), neck_colour=tuple(map(float, neck)),
+        green_ends=rng.uniform(0.2, 0.8) * (1.3 - ripeness / 3),
+        speckle=max(0.0, ripeness - 2.0) * rng.uniform(0.2, 1.0),
+        blotch=rng.uniform(0, 0.6) * (ripeness / 3),
+        facet=rng.uniform(0.5, 0.9), facet_offset=rng.uniform(-0.4, 0.4),
+        gloss=rng.uniform(0.1, 0.3), mirrored=bool(rng.random() < 0.5),
+        texture_seed=int(rng.integers(2**31)))
+
+
+def banana_half_width(shape, t):
+    """Half-width (local units) of the banana at spine positions t (array).
+
+    A sin-shaped body (thick middle, rounded ends) merged smoothly into a
+    thin neck that flares a little at the cut stem end, plus a small nub
+    at the flower tip. Returns float32 array shaped like t.
+    """
+    u = np.clip(t, 0, 1) ** shape.peak
+    body = shape.half_width * np.maximum(np.sin(np.pi * u), 0) ** shape.fullness
+    flare = 1 + 0.3 * smoothstep(-shape.neck_len + 0.04, -shape.neck_len, t)
+    neck = shape.neck_width * flare * (1 - smoothstep(0.15, 0.45, t))
+    k = 0.5 * shape.neck_width  # softness of the body/neck junction
+    width = 0.5 * (body + neck + np.sqrt((body - neck) ** 2 + k * k))
+    nub = 0.25 * shape.half_width * np.sqrt(np.clip(1 - ((t - 1) / shape.tip_len) ** 2, 0, 1))
+    return np.maximum(width, nub).astype(np.float32)
+
+
+def banana_outline(shape, n=64):
+    """Outline points of the banana in local (x, y): float (2n, 2).
+
+    The arc's centre is the local origin; the spine point at angle a is
+    R * (sin a, cos a) with R = 1 / bend (so the banana hangs below it).
+    """
+    t = np.linspace(-shape.neck_len, 1 + shape.tip_len, n)
+    w = banana_half_width(shape, t)
+    radius = 1 / shape.bend
+    a = (t - 0.5) * shape.bend * (-1 if shape.mirrored else 1)
+    side = np.concatenate([radius + w, radius - w])
+    a = np.concatenate([a, a])
+    return np.stack([side * np.sin(a), side * np.cos(a)], axis=1)
+
+
+def banana_geometry(shape, x, y):
+    """Spine coordinates of local points x, y (float arrays, same shape).
+
+    Returns a dict of arrays: t (position along the spine), s (signed
+    across-position, -1..1 from inner to outer edge), a (polar angle),
+    dw (slope of the half-width) and sd (approximate signed distance to
+    the outline in local units, negative inside).
+    """
+    sign = -1.0 if shape.mirrored else 1.0
+    a = np.arctan2(x, y)
+    t = 0.5 + sign * a / shape.bend
+    d = np.hypot(x, y) - 1 / shape.bend
+    table_t = np.linspace(-shape.neck_len - 0.01, 1 + shape.tip_len + 0.01, 256)
+    table_w = banana_half_width(shape, table_t)
+    w = np.interp(t, table_t, table_w).astype(np.float32)
+    dw = np.interp(t, table_t, np.gradient(table_w, table_t)).astype(np.float32)
+    sd = (np.abs(d) - w) / np.sqrt(1 + dw * dw)
+    sd = np.maximum(sd, np.maximum(-shape.neck_len - t, t - 1 - shape.tip_len))
+    s = np.clip(d / np.maximum(w, 1e-4), -1, 1)
+    return dict(t=t, s=s, a=a, dw=dw, sd=sd)
+
+
+def banana_albedo(shape, g):
+    """Peel colour (sRGB, float32 (..., 3)) at banana coordinates g.
+
+    g: dict from banana_geometry. Adds lengthwise streaks, green ends, the
+    neck and its dark cut end, the dark flower tip, brown blotches and
+    sugar speckles; colour of the edges is slightly darker/olive.
+    """
+    noise = np.random.default_rng(shape.texture_seed)
+    t, s = g["t"], g["s"]
+    u = (t + shape.neck_len) / (1 + shape.neck_len + shape.tip_len)
+    v = (s + 1) / 2
+    streak = sample_noise(noise.random((6, 40), dtype=np.float32), u, v)
+    colour = np.asarray(shape.colour, np.float32) * (0.93 + 0.14 * streak)[..., None]
+    green = np.maximum(smoothstep(0.22, 0.0, t), 0.6 * smoothstep(0.8, 1.0, t))
+    colour = mix(colour, np.float32([0.50, 0.60, 0.16]), shape.green_ends * green)
+    colour = mix(colour, np.float32(shape.neck_colour), smoothstep(0.02, -0.05, t))
+    colour = mix(colour, np.float32([0.30, 0.22, 0.10]),
+                 smoothstep(-shape.neck_len + 0.035, -shape.neck_len + 0.01, t))
+    colour = mix(colour, np.float32([0.16, 0.11, 0.06]), smoothstep(0.955, 0.99, t))
+    blotch = sample_noise(noise.random((9, 4), dtype=np.float32), u, v)
+    blotch = blotch * (0.7 + 0.6 * streak)  # ragged, not grid-aligned, edges
+    colour = mix(colour, np.float32([0.55, 0.38, 0.12]),
+                 shape.blotch * smoothstep(0.6, 1.0, blotch))
+    speck = sample_noise(noise.random((110, 18), dtype=np.float32), u, v)
+    threshold = 0.93 - 0.12 * shape.speckle
+    colour = mix(colour, np.float32([0.35, 0.22, 0.08]),
+                 min(1.0, 2 * shape.speckle) * smoothstep(threshold, threshold + 0.05, speck))
+    return mix(colour, colour * np.float32([0.75, 0.72, 0.55]), smoothstep(0.7, 1.0, np.abs(s)))
+
+
+def banana_shading(shape, g, light):
+    """Diffuse and specular light (float32 arrays) on the banana surface.
+
+    The body is treated as a tube whose cross-section is a rounded polygon
+    (the ridges of a banana): the normal turns across the width with angle
+    asin(s) and tilts along the spine where the width changes (dw). The
+    faces come from bending that angle with a sine: nearly flat in the
+    middle of a face, turning fast at a ridge. light: unit (x, y, z) in
+    the local frame. Returns (diffuse in [0, 1], specular >= 0).
+    """
+    angle = np.arcsin(g["s"])  # angle of the normal around the tube
+    face = math.pi / 2.6       # angular width of one face of the peel
+    phase = 2 * math.pi * (angle - shape.facet_offset) / face
+    angle = angle - shape.facet * face / (2 * math.pi) * np.sin(phase)
+    sign = -1.0 if shape.mirrored else 1.0
+    sin_a, cos_a = np.sin(g["a"]), np.cos(g["a"])
+    norm = np.sqrt(1 + g["dw"] ** 2)
+    n_r, n_z, n_t = np.sin(angle) / norm, np.cos(angle) / norm, -g["dw"] / norm
+
+    def dot(vec):  # normal . vec, with vec given in local (x, y, z)
+        along = sign * (vec[0] * cos_a - vec[1] * sin_a)
+        radial = vec[0] * sin_a + vec[1] * cos_a
+        return n_t * along + n_r * radial + n_z * vec[2]
+
+    wrap = 0.15  # soft, slightly translucent look of the peel
+    diffuse = np.clip((dot(light) + wrap) / (1 + wrap), 0, 1)
+    half = light + np.float32([0, 0, 1])
+    half = half / np.linalg.norm(half)
+    specular = shape.gloss * np.clip(dot(half), 0, 1) ** 12
+    return diffuse.astype(np.float32), specular.astype(np.float32)
+
+
+def draw_banana(shape, scale, angle, light):
+    """Render a banana sprite: float32 premultiplied RGBA (h, w, 4).
+
+    scale: pixels per local unit (about the body length in px); angle:
+    rotation in radians; light: unit (x, y, z) key-light in image space.
+    The sprite is centred on the banana's bounding box with 2 px margin.
+    """
+    center, (bw, bh) = rotated_extent(banana_outline(shape), angle)
+    canvas = (math.ceil(bh * scale) + 4, math.ceil(bw * scale) + 4)
+    x, y = local_grid(canvas, scale, angle, center)
+    g = banana_geometry(shape, x, y)
+    coverage = np.clip(0.5 - g["sd"] * scale * SUPERSAMPLE, 0, 1)
+    inside = coverage > 0  # only colour the samples that are covered
+    g = {key: value[inside] for key, value in g.items()}
+    lx, ly = to_local(light[:2], angle)
+    diffuse, specular = banana_shading(shape, g, np.float32([lx, ly, light[2]]))
+    albedo = banana_albedo(shape, g) ** 2.2
+    lit = np.zeros(coverage.shape + (3,), np.float32)
+    lit[inside] = albedo * (0.2 + 0.9 * diffuse)[..., None] + specular[..., None]
+    return finish_sprite(lit, coverage)
+
+
+def banana_sprite(rng, size=64, angle=None, light=None):
+    """A random banana sprite whose box's longer side is about `size` px.
+
+    rng: np.random.Generator; angle: radians (random if None); light: unit
+    (x, y, z) (random if None). Returns float32 (h, w, 4) PREMULTIPLIED
+    RGBA in [0, 1] with a 2 px transparent margin.
+    """
+    shape = random_banana_shape(rng)
+    angle = rng.uniform(0, 2 * math.pi) if angle is None else angle
+    light = random_light(rng) if light is None else light
+    _, (bw, bh) = rotated_extent(banana_outline(shape), angle)
+    return draw_banana(shape, size / max(bw, bh), angle, light)
+
+
+# 6c. The orange sprite (second class of the multi-object variant)
+@dataclasses.dataclass(frozen=True)
+class OrangeShape:
+    """Random parameters of one orange (local units: radius 1).
+
+    squash: height/width ratio; colour: sRGB peel colour; navel: local
+    (x, y) of the stem scar on the visible hemisphere (|navel| < 0.75).
+    """
+    squash: float
+    colour: tuple
+    navel: tuple
+    navel_size: float
+    bumpiness: float
+    gloss: float
+    texture_seed: int
+
+
+def random_orange_shape(rng):
+    """Draw a random OrangeShape (from yellow-orange to deep mandarin)."""
+    hue = rng.uniform(0, 1)
+    colour = np.array([0.98, 0.62, 0.10]) + hue * np.array([-0.02, -0.22, -0.06])
+    colour = np.clip(colour * rng.uniform(0.88, 1.02) + rng.normal(0, 0.015, 3), 0, 1)
+    radius, angle = 0.75 * math.sqrt(rng.random()), rng.uniform(0, 2 * math.pi)
+    return OrangeShape(
+        squash=rng.uniform(0.88, 1.0), colour=tuple(map(float, colour)),
+        navel=(radius * math.cos(angle), radius * math.sin(angle)),
+        navel_size=rng.uniform(0.06, 0.11), bumpiness=rng.uniform(0.08, 0.18),
+        gloss=rng.uniform(0.12, 0.3), texture_seed=int(rng.integers(2**31)))
+
+
+def orange_albedo(shape, x, y, z, noise):
+    """Peel colour (sRGB float32 (..., 3)) at visible sphere points x, y, z.
+
+    Slightly mottled, deeper orange towards the rim, with a dark olive stem
+    scar ringed by a small green calyx at shape.navel.
+    """
+    u, v = (x + 1) / 2, (y + 1) / 2
+    mottle = sample_noise(noise.random((7, 7), dtype=np.float32), u, v)
+    colour = np.float32(shape.colour) * (0.92 + 0.14 * mottle)[..., None]
+    colour = mix(colour, colour * np.float32([0.95, 0.75, 0.6]), 0.5 * (1 - z) ** 2)
+    nx, ny = shape.navel
+    nz = math.sqrt(max(0.0, 1 - nx * nx - ny * ny))
+    dist = np.sqrt((x - nx) ** 2 + (y - ny) ** 2 + (z - nz) ** 2)
+    calyx = smoothstep(1.8 * shape.navel_size, 1.2 * shape.navel_size, dist)
+    colour = mix(colour, np.float32([0.55, 0.55, 0.18]), 0.6 * calyx)
+    scar = smoothstep(0.7 * shape.navel_size, 0.35 * shape.navel_size, dist)
+    return mix(colour, np.float32([0.28, 0.24, 0.10]), scar)
+
+
+def draw_orange(shape, scale, angle, light):
+    """Render an orange sprite: float32 premultiplied RGBA (h, w, 4).
+
+    scale: pixels per local unit (the radius in px); angle: radians;
+    light: unit (x, y, z) key-light in image space. Dimpled peel = the
+    sphere normal perturbed by fine noise, which also breaks up the
+    specular highlight.
+    """
+    side = math.ceil(2 * scale) + 4  # the rotated ellipse fits in the unit circle
+    canvas = (side, side)
+    x, y = local_grid(canvas, scale, angle, (0.0, 0.0))
+    r = np.sqrt(x * x + (y / shape.squash) ** 2)
+    coverage = np.clip(0.5 - (r - 1) * scale * SUPERSAMPLE, 0, 1)
+    inside = coverage > 0
+    x, y = x[inside], y[inside] / shape.squash
+    z = np.sqrt(np.clip(1 - x * x - y * y, 0, 1))
+    noise = np.random.default_rng(shape.texture_seed)
+    u, v = (x + 1) / 2, (y + 1) / 2
+    bump = [sample_noise(noise.random((48, 48), dtype=np.float32), u, v) - 0.5 for _ in range(2)]
+    normal = np.stack([x + shape.bumpiness * bump[0], y + shape.bumpiness * bump[1], z])
+    normal /= np.linalg.norm(normal, axis=0)
+    lx, ly = to_local(light[:2], angle)
+    light = np.float32([lx, ly, light[2]])
+    diffuse = np.clip((light @ normal.reshape(3, -1) + 0.2) / 1.2, 0, 1)
+    half = (light + np.float32([0, 0, 1])) / np.linalg.norm(light + np.float32([0, 0, 1]))
+    specular = shape.gloss * np.clip(half @ normal.reshape(3, -1), 0, 1) ** 60
+    albedo = orange_albedo(shape, x, y, z, noise) ** 2.2
+    lit = np.zeros(coverage.shape + (3,), np.float32)
+    lit[inside] = albedo * (0.25 + 0.85 * diffuse)[:, None] + specular[:, None]
+    return finish_sprite(lit, coverage)
+
+
+def orange_sprite(rng, size=48, angle=None, light=None):
+    """A random orange sprite whose box's longer side is about `size` px.
+
+    Same conventions as banana_sprite: float32 (h, w, 4) PREMULTIPLIED
+    RGBA in [0, 1] with a 2 px transparent margin.
+    """
+    shape = random_orange_shape(rng)
+    angle = rng.uniform(0, 2 * math.pi) if angle is None else angle
+    light = random_light(rng) if light is None else light
+    return draw_orange(shape, size / 2, angle, light)
+
+
+# 6d. Backgrounds: real photos bundled with scikit-image
+def load_backgrounds(names=None):
+    """Load the background photos bundled with scikit-image (no download).
+
+    names: file names to load (default: all of BACKGROUND_FILES).
+    Returns a list of (PIL.Image, tint) pairs: colour photos are RGB
+    images with tint None; grey photos are mode "L" images with an RGB
+    tint (3 floats) used to colour them.
+    """
+    folder = pathlib.Path(skimage.data.__file__).parent
+    tints = dict(BACKGROUND_FILES)
+    photos = []
+    for name in names or tints:
+        tint = tints[name]
+        with Image.open(folder / name) as image:
+            photos.append((image.convert("L" if tint else "RGB"), tint))
+    return photos
+
+
+def colour_jitter(rng, image):
+    """Random brightness, contrast, saturation and hue shift.
+
+    image: float32 (H, W, 3) in [0, 1]; returns a new array, same shape.
+    The hue shift rotates the colour around the grey axis (YIQ space).
+    """
+    grey = image @ np.float32([0.299, 0.587, 0.114])
+    image = grey[..., None] + rng.uniform(0.6, 1.3) * (image - grey[..., None])
+    image = image.mean() + rng.uniform(0.7, 1.2) * (image - image.mean())
+    image = image * rng.uniform(0.65, 1.2)
+    rgb_to_yiq = np.float32([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
+                             [0.211, -0.523, 0.312]])
+    hue = rng.uniform(-0.25, 0.25)  # radians
+    c, s = math.cos(hue), math.sin(hue)
+    rotate = np.float32([[1, 0, 0], [0, c, -s], [0, s, c]])
+    matrix = np.linalg.inv(rgb_to_yiq) @ rotate @ rgb_to_yiq
+    return np.clip(image @ matrix.T.astype(np.float32), 0, 1)
+
+
+def random_background(rng, photos, size=IMAGE_SIZE):
+    """A random crop of a random photo: float32 (size, size, 3) in [0, 1].
+
+    The square crop covers 30-100% of the photo's shorter side, is
+    resized to `size`, maybe mirrored, tinted if grey and colour-jittered.
+    """
+    image, tint = photos[rng.integers(len(photos))]
+    w, h = image.size
+    side = rng.uniform(0.3, 1.0) * min(w, h)
+    x0, y0 = rng.uniform(0, w - side), rng.uniform(0, h - side)
+    crop = image.resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + side, y0 + side))
+    pixels = np.asarray(crop, dtype=np.float32) / 255
+    if tint is not None:
+        tint = np.float32(tint) * rng.uniform(0.9, 1.1, 3).astype(np.float32)
+        pixels = pixels[..., None] * tint / tint.max()
+    if rng.random() < 0.5:
+        pixels = pixels[:, ::-1]
+    return colour_jitter(rng, pixels)
+
+
+# 6e. Scenes: sprites pasted on backgrounds, with exact boxes
+def orange_outline(shape, n=64):
+    """Outline points of the orange in local (x, y): float (n, 2)."""
+    a = np.linspace(0, 2 * math.pi, n, endpoint=False)
+    return np.stack([np.cos(a), shape.squash * np.sin(a)], axis=1)
+
+
+def sprite_functions(class_id):
+    """(random shape, outline points, renderer) functions for a class id."""
+    if class_id == BANANA:
+        return random_banana_shape, banana_outline, draw_banana
+    return random_orange_shape, orange_outline, draw_orange
+
+
+def sample_sprite(rng, class_id, side_range, light):
+    """Render a random object whose box sides fall inside side_range (px).
+
+    Tries random shapes/angles until the box aspect (long side / short
+    side) is at most min(MAX_ASPECT, hi / lo), then picks a scale so that
+    both box sides lie in [lo, hi] (after 50 failed tries the last shape
+    is used at the smallest fitting scale). Returns
+    (sprite float32 (h, w, 4) premultiplied, (box_w, box_h) predicted px).
+    """
+    random_shape, outline, draw = sprite_functions(class_id)
+    lo, hi = side_range
+    for _ in range(50):
+        shape, angle = random_shape(rng), rng.uniform(0, 2 * math.pi)
+        _, (bw, bh) = rotated_extent(outline(shape), angle)
+        if max(bw, bh) <= min(MAX_ASPECT, hi / lo) * min(bw, bh):
+            break
+    low, high = lo / min(bw, bh), hi / max(bw, bh)
+    scale = rng.uniform(low, max(low, high))
+    return draw(shape, scale, angle, light), (bw * scale, bh * scale)
+
+
+def random_position(rng, sprite_hw, box_wh, size):
+    """Top-left (y0, x0) ints for a sprite so that at most MAX_OUTSIDE of
+    its box (centred in the sprite) leaves the frame on any side."""
+    (h, w), (bw, bh) = sprite_hw, box_wh
+    keep = 0.5 - MAX_OUTSIDE
+    cx = rng.uniform(keep * bw, size - keep * bw)
+    cy = rng.uniform(keep * bh, size - keep * bh)
+    return int(round(cy - h / 2)), int(round(cx - w / 2))
+
+
+def overlap(y0, x0, h, w, size):
+    """Slices (frame, sprite) where an (h, w) sprite at (y0, x0) meets a
+    size x size frame; either may be empty."""
+    ya, xa = max(y0, 0), max(x0, 0)
+    yb, xb = min(y0 + h, size), min(x0 + w, size)
+    frame = (slice(ya, max(ya, yb)), slice(xa, max(xa, xb)))
+    sprite = (slice(ya - y0, max(ya, yb) - y0), slice(xa - x0, max(xa, xb) - x0))
+    return frame, sprite
+
+
+def frame_alpha(sprite, y0, x0, size):
+    """The sprite's alpha pasted into an empty float32 (size, size) frame."""
+    alpha = np.zeros((size, size), np.float32)
+    frame, part = overlap(y0, x0, *sprite.shape[:2], size)
+    alpha[frame] = sprite[part][..., 3]
+    return alpha
+
+
+def tight_box(mask):
+    """Tight box of a non-empty bool (H, W) mask: ints (xmin, ymin, xmax,
+    ymax) with exclusive max (xmax = last column + 1)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def visible_masks(alphas, full_counts):
+    """Decide which objects stay visible once later ones are drawn on top.
+
+    alphas: list of float32 (H, W) frame alphas, in drawing order;
+    full_counts: pixels each sprite would cover if alone and unclipped.
+    An object's visible alpha is its alpha times the transparency of every
+    KEPT object drawn after it; its mask is visible alpha > ALPHA_THRESHOLD.
+    Objects keeping < MIN_VISIBLE of their pixels or with a box side
+    < MIN_SIDE are dropped. Returns {index: bool mask} for kept objects.
+    """
+    cover = np.ones_like(alphas[0]) if alphas else None
+    kept = {}
+    for i in reversed(range(len(alphas))):
+        mask = alphas[i] * cover > ALPHA_THRESHOLD
+        if mask.sum() < MIN_VISIBLE * max(full_counts[i], 1):
+            continue
+        x0, y0, x1, y1 = tight_box(mask)
+        if min(x1 - x0, y1 - y0) >= MIN_SIDE:
+            kept[i] = mask
+            cover = cover * (1 - alphas[i])
+    return kept
+
+
+def blur(image, radius):
+    """Gaussian blur of a float32 (H, W) or (H, W, 3) image in [0, 1]."""
+    if radius <= 0:
+        return image
+    pil = Image.fromarray(np.uint8(np.clip(image, 0, 1) * 255 + 0.5))
+    return np.asarray(pil.filter(ImageFilter.GaussianBlur(radius)), np.float32) / 255
+
+
+def cast_shadow(rng, image, sprite, y0, x0, light):
+    """Darken image (float32 (H, W, 3)) under a soft, offset copy of the
+    alpha of a sprite that will be pasted at (y0, x0).
+
+    The shadow falls away from the light: offset = -light.xy * 2..6 px,
+    blurred by 2..4 px, darkening by up to 30..50%. Returns a new image.
+    """
+    distance = rng.uniform(2, 6)
+    dy, dx = (int(round(-light[i] * distance)) for i in (1, 0))
+    shifted = frame_alpha(sprite, y0 + dy, x0 + dx, image.shape[0])
+    shadow = blur(shifted, rng.uniform(2, 4))
+    return image * (1 - rng.uniform(0.3, 0.5) * shadow)[..., None]
+
+
+def match_lighting(sprite, patch):
+    """Nudge a sprite's colour towards the scene behind it (subtle).
+
+    sprite: float32 (h, w, 4) premultiplied; patch: float32 (h, w, 3) of
+    the image behind it. Darker scenes darken the sprite a little and the
+    scene's average colour tints it slightly. Returns a new sprite.
+    """
+    weight = sprite[..., 3:] + 1e-6
+    mean = (patch * weight).sum(axis=(0, 1)) / weight.sum()
+    level = max(float(mean.mean()), 1e-3)
+    gain = np.clip((level / 0.45) ** 0.2, 0.8, 1.1)
+    tint = np.clip((mean / level) ** 0.05, 0.96, 1.04)
+    out = sprite.copy()
+    out[..., :3] = np.minimum(sprite[..., :3] * gain * tint, sprite[..., 3:])
+    return out
+
+
+def paste(image, sprite, y0, x0):
+    """Alpha-composite a premultiplied sprite onto image in place."""
+    frame, part = overlap(y0, x0, *sprite.shape[:2], image.shape[0])
+    piece = sprite[part]
+    image[frame] = piece[..., :3] + (1 - piece[..., 3:]) * image[frame]
+
+
+def camera_finish(rng, image):
+    """Slight optical blur and sensor noise; float32 (H, W, 3) -> uint8.
+
+    The noise is the same in the three channels (brightness noise only),
+    which is cheaper to draw and looks like a photo's grain.
+    """
+    if rng.random() < 0.7:
+        image = blur(image, rng.uniform(0.3, 0.8))
+    noise = rng.standard_normal(image.shape[:2] + (1,), dtype=np.float32)
+    image = image + noise * np.float32(rng.uniform(0.5, 2.5) / 255)
+    return np.uint8(np.clip(image, 0, 1) * 255 + 0.5)
+
+
+def render_scene(rng, photos, objects, size=IMAGE_SIZE):
+    """Render one photo-like scene with fruit on a real photo background.
+
+    rng: np.random.Generator; photos: list from load_backgrounds();
+    objects: list of (class_id, min_side, max_side), box sides in px, in
+    drawing order (later objects occlude earlier ones).
+    Returns (image uint8 (size, size, 3), boxes int64 (n, 5) with rows
+    (class_id, xmin, ymin, xmax, ymax), masks bool (n, size, size) of the
+    visible pixels). n <= len(objects): nearly hidden objects are dropped
+    (and not drawn). Boxes are the tight boxes of the masks, xmax/ymax
+    exclusive (see module docstring).
+    """
+    light = random_light(rng)
+    image = random_background(rng, photos, size)
+    placed = []
+    for class_id, lo, hi in objects:
+        sprite, box_wh = sample_sprite(rng, class_id, (lo, hi), light)
+        y0, x0 = random_position(rng, sprite.shape[:2], box_wh, size)
+        placed.append((class_id, sprite, y0, x0))
+    alphas = [frame_alpha(s, y0, x0, size) for _, s, y0, x0 in placed]
+    counts = [(s[..., 3] > ALPHA_THRESHOLD).sum() for _, s, _, _ in placed]
+    kept = visible_masks(alphas, counts)
+    boxes, masks = [], []
+    for i, (class_id, sprite, y0, x0) in enumerate(placed):
+        if i in kept:
+            image = cast_shadow(rng, image, sprite, y0, x0, light)
+            frame, part = overlap(y0, x0, *sprite.shape[:2], size)
+            sprite = sprite.copy()
+            sprite[part] = match_lighting(sprite[part], image[frame])
+            paste(image, sprite, y0, x0)
+            boxes.append((class_id, *tight_box(kept[i])))
+            masks.append(kept[i])
+    boxes = np.array(boxes, dtype=np.int64).reshape(-1, 5)
+    masks = np.array(masks, dtype=bool).reshape(-1, size, size)
+    return camera_finish(rng, image), boxes, masks
+
+
+# 6f. Writing datasets in d2l's on-disk format, atomically
+
+
+def image_rng(seed, name, index):
+    """Independent random generator for one image.
+
+    The generator is seeded with the triple (seed, tag, index), where tag
+    is a 32-bit number derived from the string `name` (e.g.
+    "bananas:train") with sha256. So every image has its own stream of
+    random numbers: it does not depend on which images were made before
+    it, and train/val/other datasets never share streams.
+    """
+    tag = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+    return np.random.default_rng([seed, tag, index])
+
+
+def banana_scene(rng, photos, side_range=BANANA_BOX):
+    """One image with exactly one banana: (uint8 (256, 256, 3), boxes (1, 5)).
+
+    Re-renders (with the same rng, so still deterministic) in the rare case
+    the banana ends up mostly outside the frame and gets dropped.
+    """
+    while True:
+        image, boxes, _ = render_scene(rng, photos, [(BANANA, *side_range)])
+        if len(boxes) == 1:
+            return image, boxes
+
+
+def fruit_scene(rng, photos):
+    """One image with 0..MAX_FRUIT bananas/oranges: (uint8 image, boxes (n, 5)).
+
+    Classes are drawn 50/50. Boxes may be fewer than the objects asked
+    for: objects hidden behind others are dropped (see render_scene).
+    """
+    count = int(rng.integers(0, MAX_FRUIT + 1))
+    ranges = {BANANA: FRUIT_BANANA_BOX, ORANGE: ORANGE_BOX}
+    objects = [(c, *ranges[c]) for c in rng.integers(0, 2, count).tolist()]
+    image, boxes, _ = render_scene(rng, photos, objects)
+    return image, boxes
+
+
+def csv_rows(img_name, boxes):
+    """CSV rows for one image: one [img_name, label, xmin, ymin, xmax, ymax]
+    per box; an image without boxes gets one row with five empty fields."""
+    if len(boxes) == 0:
+        return [[img_name, "", "", "", "", ""]]
+    return [[img_name, *(int(v) for v in box)] for box in boxes]
+
+
+def write_csv(path, rows):
+    """Write CSV_HEADER and rows to path (Unix newlines, deterministic)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(CSV_HEADER)
+        writer.writerows(rows)
+
+
+def write_split(folder, tag, seed, count, scene, tick):
+    """Render `count` images into folder/images/N.png plus folder/label.csv.
+
+    scene(rng, photos) -> (uint8 image, boxes (n, 5)); the rng of image N
+    is image_rng(seed, tag, N), tag naming dataset and split, such as
+    "bananas:train". tick() is called once per image.
+    """
+    photos = load_backgrounds()
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for index in range(count):
+        image, boxes = scene(image_rng(seed, tag, index), photos)
+        Image.fromarray(image).save(folder / "images" / f"{index}.png",
+                                    compress_level=PNG_COMPRESSION)
+        rows += csv_rows(f"{index}.png", boxes)
+        tick()
+    write_csv(folder / "label.csv", rows)
+
+
+def marker_text(params):
+    """Content of the completion marker: one "key=value" line per item."""
+    return "".join(f"{key}={value}\n" for key, value in params.items())
+
+
+def is_complete(root, params):
+    """True if root holds a finished dataset made with exactly `params`."""
+    marker = pathlib.Path(root) / MARKER_FILE
+    return marker.is_file() and marker.read_text() == marker_text(params)
+
+
+def remove_stale_temporaries(root, fresh, max_age_s=3600):
+    """Delete "<root>.tmp-*" siblings left by runs killed > max_age_s ago.
+
+    fresh: the folder we just created; its mtime serves as "now". Younger
+    folders are left alone: they may belong to a run still in progress.
+    """
+    now = os.path.getmtime(fresh)
+    for path in root.parent.glob(root.name + ".tmp-*"):
+        if path.is_dir() and os.path.getmtime(path) < now - max_age_s:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def progress_ticker(progress, total):
+    """Turn the `progress` argument into (tick, close) callables.
+
+    progress: None/False (silent), True (a tqdm bar if tqdm is installed)
+    or a callable f(done, total) called after every image.
+    """
+    if callable(progress):
+        done = [0]
+
+        def tick():
+            done[0] += 1
+            progress(done[0], total)
+        return tick, lambda: None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return lambda: None, lambda: None
+        bar = tqdm(total=total, desc="generating images")
+        return lambda: bar.update(1), bar.close
+    return lambda: None, lambda: None
+
+
+def build_atomically(root, params, write):
+    """Create the dataset folder `root` all at once, or reuse a finished one.
+
+    If root already holds a marker matching params, return at once.
+    Otherwise write(tmp) fills a fresh temporary sibling folder, the marker
+    is added last, and the folder is renamed to root (replacing any
+    incomplete or differently-made root). A crash never leaves a
+    half-written root behind. Returns root as a pathlib.Path.
+    """
+    root = pathlib.Path(root)
+    if is_complete(root, params):
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
+    remove_stale_temporaries(root, tmp)
+    try:
+        write(tmp)
+        (tmp / MARKER_FILE).write_text(marker_text(params))
+        if not is_complete(root, params):  # another process may have won
+            if root.exists():
+                shutil.rmtree(root)
+            os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def generate_detection_dataset(root, prefix, scene, seed, num_train, num_val,
+                               progress, kind):
+    """Shared body of the generate_* functions: writes root/<prefix>_train
+    and root/<prefix>_val with `scene` (see write_split); returns root."""
+    params = dict(kind=kind, version=FORMAT_VERSION, seed=seed,
+                  num_train=num_train, num_val=num_val)
+
+    def write(tmp):
+        tick, close = progress_ticker(progress, num_train + num_val)
+        try:
+            for split, count in (("train", num_train), ("val", num_val)):
+                write_split(tmp / f"{prefix}_{split}", f"{kind}:{split}",
+                            seed, count, scene, tick)
+        finally:
+            close()
+    return build_atomically(root, params, write)
+
+
+def generate_banana_detection(root=None, seed=0,
+                              num_train=1000, num_val=100, progress=None):
+    """Write a d2l-style banana-detection dataset; returns root (Path).
+
+    Layout: root/bananas_train/images/{0..num_train-1}.png, root/
+    bananas_train/label.csv and the same for bananas_val. Images are RGB
+    256x256 PNGs with exactly one banana (box sides 34..73 px). label.csv
+    has the header img_name,label,xmin,ymin,xmax,ymax and one row per
+    image, e.g. "0.png,0,104,20,143,58": label is always 0, coordinates
+    are integer pixels with exclusive xmax/ymax. Same seed -> same bytes.
+    A finished dataset (marker file COMPLETE.txt) is reused at once.
+    progress: None, True (tqdm bar) or f(done, total).
+    """
+    root = DATA_DIR / "banana-detection" if root is None else root
+    return generate_detection_dataset(root, "bananas", banana_scene, seed,
+                                      num_train, num_val, progress, "bananas")
+
+
+def generate_small_bananas(root=None, seed=0,
+                           num_train=1000, num_val=100, progress=None):
+    """Like generate_banana_detection but the banana boxes are only 15..30
+    px per side (a harder split); same layout, folder names and CSV."""
+    def scene(rng, photos):
+        return banana_scene(rng, photos, SMALL_BANANA_BOX)
+    root = DATA_DIR / "banana-detection-small" if root is None else root
+    return generate_detection_dataset(root, "bananas", scene, seed, num_train,
+                                      num_val, progress, "small-bananas")
+
+
+def generate_fruit_detection(root=None, seed=0,
+                             num_train=1000, num_val=100, progress=None):
+    """Write a multi-object dataset (bananas = class 0, oranges = class 1).
+
+    Layout: root/fruit_train/images/N.png + root/fruit_train/label.csv,
+    same for fruit_val. Each image holds 0..6 objects, which may occlude
+    each other (boxes are tight around the VISIBLE pixels). label.csv has
+    the header img_name,label,xmin,ymin,xmax,ymax and one row PER OBJECT,
+    so several rows can share an img_name; an image without objects gets
+    a single row with the five other fields empty, e.g. "7.png,,,,,".
+    """
+    root = DATA_DIR / "fruit-detection" if root is None else root
+    return generate_detection_dataset(root, "fruit", fruit_scene, seed,
+                                      num_train, num_val, progress, "fruit")
+
+
+def boxes_overlap(boxes):
+    """True if any two (class, xmin, ymin, xmax, ymax) rows intersect."""
+    for i in range(len(boxes)):
+        for j in range(i):
+            a, b = boxes[i, 1:], boxes[j, 1:]
+            if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]:
+                return True
+    return False
+
+
+def make_test_scene(path_jpg="img/banana.jpg", path_csv="img/banana.csv", seed=0):
+    """Write a 256x256 JPEG (quality 95) with 3-4 separate bananas + labels.
+
+    Banana box sides are spread over ~30..80 px, at random angles, on a
+    bright colour photo; scenes are re-drawn until no two boxes overlap
+    and all bananas lie fully inside the frame.
+    path_csv gets the usual header and one row per banana, img_name being
+    the JPEG's file name. Deterministic in seed. Returns boxes int64 (n, 5).
+    """
+    rng = image_rng(seed, "test-scene", 0)
+    photos = load_backgrounds(TEST_SCENE_FILES)
+    sizes = [(30, 46), (38, 58), (46, 70), (54, 80)]
+    count = int(rng.integers(3, 5))
+    picked = sorted(rng.choice(len(sizes), count, replace=False).tolist())
+    objects = [(BANANA, *sizes[i]) for i in picked]
+    size = IMAGE_SIZE
+    while True:
+        image, boxes, _ = render_scene(rng, photos, objects, size)
+        if (len(boxes) == count and boxes[:, 1:3].min() > 0
+                and boxes[:, 3:5].max() < size and not boxes_overlap(boxes)):
+            break
+    path_jpg, path_csv = pathlib.Path(path_jpg), pathlib.Path(path_csv)
+    for path in (path_jpg, path_csv):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path_jpg, format="JPEG", quality=95)
+    write_csv(path_csv, csv_rows(path_jpg.name, boxes))
+    return boxes
+
+
+def draw_boxes(image, boxes, colours=((255, 255, 255), (0, 190, 255))):
+    """Copy of a uint8 (H, W, 3) image with boxes (n, 5) drawn as 1-px
+    rectangles; box columns xmin..xmax-1 are covered (exclusive max)."""
+    pil = Image.fromarray(image)
+    draw = ImageDraw.Draw(pil)
+    for class_id, x0, y0, x1, y1 in np.asarray(boxes).tolist():
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colours[class_id % len(colours)])
+    return np.asarray(pil)
+
+
+# 6g. Reading d2l's on-disk format back, with clear errors
+
+class DatasetError(ValueError):
+    """A problem with a dataset file; the message names the file and the row."""
+
+
+def _read_label_csv(csv_path):
+    """Rows of a label.csv as (row number, img_name, label or None, box or None).
+
+    Row numbers count the header as row 1, as a spreadsheet does. A row with
+    the five fields after img_name all empty is an image without objects.
+    """
+    with open(csv_path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header] != list(CSV_HEADER):
+            raise DatasetError(f"{csv_path}: header must be {','.join(CSV_HEADER)}, got {header}")
+        rows = []
+        for row_number, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) != len(CSV_HEADER):
+                raise DatasetError(f"{csv_path} row {row_number}: expected {len(CSV_HEADER)} "
+                                   f"columns, got {len(row)}: {row}")
+            name, fields = row[0].strip(), [field.strip() for field in row[1:]]
+            if all(field == "" for field in fields):
+                rows.append((row_number, name, None, None))
+                continue
+            try:
+                values = [float(field) for field in fields]
+            except ValueError:
+                raise DatasetError(f"{csv_path} row {row_number}: label and box must be numbers, "
+                                   f"got {fields}") from None
+            rows.append((row_number, name, values[0], values[1:]))
+    return rows
+
+
+def _check_label(csv_path, row_number, label, box, width, height):
+    """Raise DatasetError unless the label is a class id >= 0 and the box lies in the image."""
+    where = f"{csv_path} row {row_number}"
+    if not all(math.isfinite(v) for v in [label, *box]):
+        raise DatasetError(f"{where}: label and box must be finite, got {[label, *box]}")
+    if label < 0 or label != int(label):
+        raise DatasetError(f"{where}: class id must be an integer >= 0, got {label}")
+    xmin, ymin, xmax, ymax = box
+    if xmax <= xmin or ymax <= ymin:
+        raise DatasetError(f"{where}: degenerate box (need xmax > xmin and ymax > ymin): {box}")
+    if xmin < 0 or ymin < 0 or xmax > width or ymax > height:
+        raise DatasetError(f"{where}: box {box} lies outside the {width}x{height} image")
+
+
+def _read_image(path, where):
+    """An image file as a uint8 tensor (3, H, W), RGB; DatasetError if missing or broken."""
+    if not path.is_file():
+        raise DatasetError(f"{where}: image file {path} is missing")
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+    except (OSError, ValueError) as error:
+        raise DatasetError(f"{where}: cannot decode image {path}: {error}") from None
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
+
+def read_detection_folder(folder, num_classes=None):
+    """Read one split in d2l's layout: ``folder/label.csv`` and ``folder/images/``.
+
+    Introduced in 06_data. Returns ``(images, labels)``: images uint8
+    (N, 3, H, W); labels float32 (N, max_objects, 5) rows (class, xmin, ymin,
+    xmax, ymax) with coordinates divided by the image width and height (0..1),
+    padded with rows of -1. Bad input raises DatasetError naming file and row.
+    """
+    folder = pathlib.Path(folder)
+    csv_path = folder / "label.csv"
+    if not csv_path.is_file():
+        raise DatasetError(f"{csv_path} is missing")
+    objects = {}  # img_name -> list of label rows, in file order
+    first_row = {}
+    for row_number, name, label, box in _read_label_csv(csv_path):
+        first_row.setdefault(name, row_number)
+        objects.setdefault(name, [])
+        if label is not None:
+            objects[name].append((row_number, label, box))
+    images, labels = [], []
+    for name, rows in objects.items():
+        image = _read_image(folder / "images" / name, f"{csv_path} row {first_row[name]}")
+        if images and image.shape != images[0].shape:
+            raise DatasetError(f"{csv_path} row {first_row[name]}: image {name} is "
+                               f"{tuple(image.shape)}, the first was {tuple(images[0].shape)}")
+        height, width = image.shape[1:]
+        for row_number, label, box in rows:
+            _check_label(csv_path, row_number, label, box, width, height)
+            if num_classes is not None and label >= num_classes:
+                raise DatasetError(f"{csv_path} row {row_number}: class id {int(label)} is out of "
+                                   f"range for {num_classes} classes")
+        scale = torch.tensor([1.0, width, height, width, height])
+        labels.append(torch.tensor([[label, *box] for _, label, box in rows]).reshape(-1, 5) / scale)
+        images.append(image)
+    if not images:
+        raise DatasetError(f"{csv_path} lists no images")
+    max_objects = max(1, max(len(lab) for lab in labels))
+    padded = torch.full((len(labels), max_objects, 5), -1.0)
+    for i, lab in enumerate(labels):
+        padded[i, :len(lab)] = lab
+    return torch.stack(images), padded
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """One split held in memory. Introduced in 06_data.
+
+    ``dataset[i]`` is ``(image, label)``: image float32 (3, H, W) in 0..255 as the
+    seed feeds it (``as_float=False``: uint8), label (max_objects, 5).
+    """
+
+    def __init__(self, folder, as_float=True, num_classes=None):
+        self.images, self.labels = read_detection_folder(folder, num_classes)
+        self.as_float = as_float
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, idx):
+        image = self.images[idx]
+        return (image.float() if self.as_float else image), self.labels[idx]
+
+
+def load_data_bananas(batch_size, root=None, seed=0, as_float=True):
+    """The seed's ``load_data_bananas``: (train_iter, val_iter) DataLoaders. Introduced in 06_data.
+
+    root: a folder holding ``bananas_train/`` and ``bananas_val/`` (d2l's real
+    dataset works too); None generates ours into ``data/`` on first use.
+    Batches are (images (batch, 3, 256, 256), labels (batch, 1, 5)); the
+    training order is shuffled reproducibly from ``seed``.
+    """
+    root = generate_banana_detection(seed=seed) if root is None else pathlib.Path(root)
+    train = DetectionDataset(root / "bananas_train", as_float)
+    val = DetectionDataset(root / "bananas_val", as_float)
+    shuffle = torch.Generator().manual_seed(seed)
+    return (torch.utils.data.DataLoader(train, batch_size, shuffle=True, generator=shuffle),
+            torch.utils.data.DataLoader(val, batch_size))

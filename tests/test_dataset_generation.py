@@ -1,0 +1,191 @@
+"""The offline banana dataset (notebook 06): sprites, exact boxes, determinism, atomic writes."""
+import csv
+import hashlib
+import os
+import pathlib
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import ssd_helpers as bd
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return bd.load_backgrounds()
+
+
+def file_hashes(root):
+    """{relative path: sha256} of every file under root."""
+    root = pathlib.Path(root)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def mean_hue_degrees(image, mask):
+    hsv = np.asarray(Image.fromarray(image).convert("HSV"), dtype=np.float64)
+    return hsv[..., 0][mask].mean() * 360 / 255
+
+
+# ------------------------------------------------------------ sprites
+@pytest.mark.parametrize("make", [bd.banana_sprite, bd.orange_sprite])
+def test_sprite_is_premultiplied_rgba(make):
+    sprite = make(np.random.default_rng(0), size=60)
+    assert sprite.dtype == np.float32 and sprite.ndim == 3 and sprite.shape[2] == 4
+    assert sprite.min() >= 0 and sprite.max() <= 1
+    assert np.all(sprite[..., :3] <= sprite[..., 3:] + 1e-6)  # premultiplied
+    assert np.all(sprite[[0, -1], :, 3] == 0) and np.all(sprite[:, [0, -1], 3] == 0)
+    box = bd.tight_box(sprite[..., 3] > bd.ALPHA_THRESHOLD)
+    assert abs(max(box[2] - box[0], box[3] - box[1]) - 60) <= 2
+
+
+# ------------------------------------------------------------ boxes
+def test_boxes_are_tight_and_masks_disjoint(photos):
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        objects = [(bd.BANANA, 30, 64), (bd.ORANGE, 26, 52)] * 3
+        image, boxes, masks = bd.render_scene(rng, photos, objects)
+        assert image.shape == (256, 256, 3) and image.dtype == np.uint8
+        assert boxes.dtype == np.int64 and boxes.shape == (len(masks), 5)
+        assert masks.sum(axis=0).max() <= 1  # a pixel belongs to one object
+        for (label, x0, y0, x1, y1), mask in zip(boxes, masks):
+            assert 0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 256
+            ys, xs = np.nonzero(mask)
+            assert xs.min() >= x0 and xs.max() <= x1 - 1    # inside the box
+            assert ys.min() >= y0 and ys.max() <= y1 - 1
+            assert abs(xs.min() - x0) <= 1 and abs(xs.max() + 1 - x1) <= 1  # tight
+            assert abs(ys.min() - y0) <= 1 and abs(ys.max() + 1 - y1) <= 1
+
+
+def test_object_colours(photos):
+    for seed in range(6):
+        rng = np.random.default_rng(100 + seed)
+        objects = [(bd.ORANGE, 40, 60), (bd.BANANA, 40, 70)]  # banana on top
+        image, boxes, masks = bd.render_scene(rng, photos, objects)
+        hues = {label: mean_hue_degrees(image, mask)
+                for (label, *_), mask in zip(boxes, masks)}
+        assert 33 <= hues[bd.BANANA] <= 80     # yellow (green-yellow ok)
+        if len(hues) == 2:
+            assert 12 <= hues[bd.ORANGE] <= 40
+            assert hues[bd.ORANGE] < hues[bd.BANANA]
+
+
+def test_banana_box_sizes(photos):
+    sides = []
+    for index in range(40):
+        _, boxes = bd.banana_scene(bd.image_rng(0, "sizes", index), photos)
+        _, x0, y0, x1, y1 = boxes[0]
+        if 0 < x0 and 0 < y0 and x1 < 256 and y1 < 256:  # not clipped
+            sides += [x1 - x0, y1 - y0]
+    assert 34 - 3 <= min(sides) and max(sides) <= 73 + 3
+
+
+# ------------------------------------------------------------ writing
+def test_same_seed_same_bytes(tmp_path):
+    a = bd.generate_banana_detection(tmp_path / "a", seed=0, num_train=8, num_val=4)
+    b = bd.generate_banana_detection(tmp_path / "b", seed=0, num_train=8, num_val=4)
+    c = bd.generate_banana_detection(tmp_path / "c", seed=1, num_train=8, num_val=4)
+    ha, hb, hc = file_hashes(a), file_hashes(b), file_hashes(c)
+    assert len(ha) == 8 + 4 + 2 + 1 and ha == hb
+    assert all(ha[k] != hc[k] for k in ha if k.endswith(".png"))
+
+
+def test_images_do_not_depend_on_order(tmp_path, photos):
+    root = bd.generate_banana_detection(tmp_path / "d", seed=3, num_train=6, num_val=2)
+    image, boxes = bd.banana_scene(bd.image_rng(3, "bananas:train", 5), photos)
+    saved = np.asarray(Image.open(root / "bananas_train" / "images" / "5.png"))
+    assert np.array_equal(image, saved)
+    row = read_rows(root / "bananas_train" / "label.csv")[6]
+    assert row == ["5.png"] + [str(v) for v in boxes[0]]
+
+
+def test_banana_csv_format(tmp_path):
+    root = bd.generate_banana_detection(tmp_path / "d", seed=0, num_train=8, num_val=4)
+    for split, count in (("bananas_train", 8), ("bananas_val", 4)):
+        rows = read_rows(root / split / "label.csv")
+        assert rows[0] == ["img_name", "label", "xmin", "ymin", "xmax", "ymax"]
+        assert [r[0] for r in rows[1:]] == [f"{i}.png" for i in range(count)]
+        for name, label, *box in rows[1:]:
+            x0, y0, x1, y1 = map(int, box)
+            assert label == "0" and 0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 256
+            image = Image.open(root / split / "images" / name)
+            assert image.mode == "RGB" and image.size == (256, 256)
+
+
+def test_second_call_reuses_dataset(tmp_path):
+    root = tmp_path / "bananas"
+    bd.generate_banana_detection(root, num_train=4, num_val=2)
+    label = root / "bananas_train" / "label.csv"
+    before = label.stat().st_mtime_ns
+    start = time.perf_counter()
+    assert bd.generate_banana_detection(root, num_train=4, num_val=2) == root
+    assert time.perf_counter() - start < 0.1
+    assert label.stat().st_mtime_ns == before
+    bd.generate_banana_detection(root, num_train=5, num_val=2)  # new params
+    assert len(read_rows(label)) == 1 + 5
+
+
+def test_partial_root_and_leftovers_are_handled(tmp_path):
+    root = tmp_path / "bananas"
+    (root / "bananas_train" / "images").mkdir(parents=True)  # no marker
+    (root / "bananas_train" / "images" / "0.png").write_bytes(b"junk")
+    old, young = tmp_path / "bananas.tmp-old", tmp_path / "bananas.tmp-young"
+    old.mkdir(), young.mkdir()
+    two_hours_ago = time.time() - 7200
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    bd.generate_banana_detection(root, num_train=4, num_val=2)
+    assert (root / bd.MARKER_FILE).is_file()
+    assert Image.open(root / "bananas_train" / "images" / "0.png").size == (256, 256)
+    assert not old.exists() and young.exists()  # young: maybe another run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bananas", "bananas.tmp-young"]
+
+
+def test_interrupted_run_leaves_nothing(tmp_path):
+    def stop_after_three(done, total):
+        if done == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        bd.generate_banana_detection(tmp_path / "bananas", num_train=6, num_val=2,
+                                     progress=stop_after_three)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------ fruit + test scene
+def test_fruit_dataset(tmp_path):
+    root = bd.generate_fruit_detection(tmp_path / "fruit", num_train=30, num_val=3)
+    lines = (root / "fruit_train" / "label.csv").read_text().splitlines()
+    rows = read_rows(root / "fruit_train" / "label.csv")[1:]
+    assert [r[0] for r in rows] == sorted((r[0] for r in rows), key=lambda n: int(n[:-4]))
+    assert {r[0] for r in rows} == {f"{i}.png" for i in range(30)}
+    counts = {f"{i}.png": 0 for i in range(30)}
+    labels = set()
+    for name, label, *box in rows:
+        if label == "":
+            assert box == ["", "", "", ""] and f"{name},,,,," in lines
+            assert sum(r[0] == name for r in rows) == 1
+        else:
+            counts[name] += 1
+            labels.add(int(label))
+    assert max(counts.values()) <= 6 and min(counts.values()) == 0
+    assert max(counts.values()) >= 4 and labels == {0, 1}
+
+
+def test_test_scene(tmp_path):
+    jpg, table = tmp_path / "img" / "banana.jpg", tmp_path / "img" / "banana.csv"
+    boxes = bd.make_test_scene(jpg, table, seed=0)
+    first = jpg.read_bytes(), table.read_bytes()
+    bd.make_test_scene(jpg, table, seed=0)
+    assert (jpg.read_bytes(), table.read_bytes()) == first
+    assert Image.open(jpg).size == (256, 256) and 3 <= len(boxes) <= 4
+    rows = read_rows(table)
+    assert rows[0] == list(bd.CSV_HEADER) and len(rows) == 1 + len(boxes)
+    assert not bd.boxes_overlap(boxes)
+    sides = np.concatenate([boxes[:, 3] - boxes[:, 1], boxes[:, 4] - boxes[:, 2]])
+    assert 27 <= sides.min() and sides.max() <= 83
