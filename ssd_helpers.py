@@ -10,6 +10,9 @@ Read it as a book. The sections follow the notebooks:
     4b. Labelling anchors, offsets and NMS         (04b_labelling_and_nms)
     5. The TinySSD model                           (05_model)
     6. Data: an offline banana dataset, its loader (06_data)
+    7. Training: losses, metrics, the loop         (07_training)
+    8. Prediction: load_model and detect           (08_prediction)
+    9. Evaluation: mean average precision          (09_evaluation)
 
 Conventions used everywhere:
 
@@ -33,12 +36,15 @@ import pathlib
 import random
 import shutil
 import tempfile
+import time
 
 import matplotlib.pyplot as plt
 import numpy as np
 import skimage.data
 import torch
+import torch.nn.functional as F
 import torchvision
+import tqdm.auto
 from PIL import Image, ImageDraw, ImageFilter
 from torch import nn
 
@@ -64,6 +70,16 @@ __all__ = [
     "generate_banana_detection", "generate_small_bananas", "generate_fruit_detection",
     "make_test_scene", "draw_boxes", "DatasetError", "read_detection_folder",
     "DetectionDataset", "load_data_bananas",
+    # 7. Training
+    "TrainConfig", "IMAGENET_MEAN", "IMAGENET_STD", "default_config", "default_checkpoint",
+    "hflip_batch", "hard_negative_mask", "calc_loss", "batch_metrics", "cpu_has_native_bf16",
+    "pick_precision", "save_checkpoint", "train_step", "train_ssd", "detect_images", "plot_history", "live_plot",
+    "train_default_model",
+    # 8. Prediction
+    "load_model", "to_image_tensor", "detect", "show_detections",
+    # 9. Evaluation
+    "match_detections", "precision_recall", "precision_envelope", "average_precision",
+    "class_precision_recall", "mean_average_precision", "evaluate_map", "plot_pr_curve",
 ]
 
 
@@ -77,12 +93,17 @@ class SSDConfig:
 
     ``sizes[i]`` and ``ratios[i]`` are the anchor sizes (fractions of the image
     side) and aspect ratios (w/h) of scale ``i``; there is one entry per block.
+    A trained model's config is saved with its weights, so it can be rebuilt.
     Each pixel of scale ``i`` gets ``len(sizes[i]) + len(ratios[i]) - 1`` anchors.
     """
     num_classes: int = 1
     sizes: tuple = ((0.2, 0.272), (0.37, 0.447), (0.54, 0.619),
                     (0.71, 0.79), (0.88, 0.961))
     ratios: tuple = ((1, 2, 0.5),) * 5
+    # Inputs are floats in 0..255 as in the book. With pixel_mean and pixel_std
+    # (per RGB channel, same scale) the model standardises them itself first.
+    pixel_mean: tuple | None = None
+    pixel_std: tuple | None = None
 
     @property
     def num_anchors(self):
@@ -547,8 +568,15 @@ class TinySSD(nn.Module):
         self.cls_heads = nn.ModuleList([cls_predictor(c, cfg.num_anchors, cfg.num_classes)
                                         for c in in_channels])
         self.bbox_heads = nn.ModuleList([bbox_predictor(c, cfg.num_anchors) for c in in_channels])
+        if (cfg.pixel_mean is None) != (cfg.pixel_std is None):
+            raise ValueError("give both pixel_mean and pixel_std, or neither")
+        if cfg.pixel_mean is not None:  # buffers follow .to(device) but are not saved
+            self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).reshape(1, 3, 1, 1), False)
+            self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).reshape(1, 3, 1, 1), False)
 
     def forward(self, X):
+        if self.config.pixel_mean is not None:
+            X = (X - self.pixel_mean) / self.pixel_std
         anchors, cls_preds, bbox_preds = [], [], []
         for blk, cls_head, bbox_head, sizes, ratios in zip(
                 self.blks, self.cls_heads, self.bbox_heads, self.config.sizes, self.config.ratios):
@@ -1670,3 +1698,715 @@ def load_data_bananas(batch_size, root=None, seed=0, as_float=True):
     shuffle = torch.Generator().manual_seed(seed)
     return (torch.utils.data.DataLoader(train, batch_size, shuffle=True, generator=shuffle),
             torch.utils.data.DataLoader(val, batch_size))
+
+
+# ---------------------------------------------------------------------------
+# 7. Training (07_training)
+# ---------------------------------------------------------------------------
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # per RGB channel, 0..255 scale
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of ``train_ssd``. Introduced in 07_training.
+
+    The defaults are the recipe measured best here (notebook 07 shows the
+    evidence); ``TrainConfig.seed_recipe()`` is the book's.
+    """
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 0.2               # peak learning rate of SGD, as the book
+    momentum: float = 0.0         # the book uses plain SGD
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0    # linear warm-up from 0, then ...
+    schedule: str = "cosine"      # ... "cosine" decay to 0, or "constant" (the book)
+    neg_ratio: float = 3.0        # hard negatives per positive; 0: every anchor (the book)
+    bbox_weight: float = 1.0      # weight of the box loss against the class loss
+    loss_norm: str = "positives"  # "positives": sums / #positives (SSD paper); "anchors": means (the book)
+    hflip: bool = True            # flip a random half of each batch left-right
+    bf16: str = "auto"            # bf16 autocast: "auto" (CPUs with native bf16), "on", "off"
+    channels_last: str = "auto"   # "auto" (with bf16), "on", "off"
+    seed: int = 0
+
+    @classmethod
+    def seed_recipe(cls, **overrides):
+        """The book's recipe: constant lr 0.2, every anchor in the loss, no flips."""
+        book = dict(warmup_epochs=0.0, schedule="constant", neg_ratio=0.0, loss_norm="anchors", hflip=False)
+        return cls(**{**book, **overrides})
+
+
+def default_config(num_classes=1):
+    """The SSDConfig we train by default: the book's anchors, ImageNet pixel statistics."""
+    return SSDConfig(num_classes=num_classes, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD)
+
+
+def default_checkpoint():
+    """Where notebook 07 saves the default model; fast mode uses its own file."""
+    return DATA_DIR / ("tinyssd_bananas_fast.pt" if fast_mode() else "tinyssd_bananas.pt")
+
+
+def batches(images, labels, batch_size, generator=None, shuffle=True):
+    """Yield (images (b, 3, H, W), labels (b, G, 5)) slices of in-memory tensors."""
+    order = torch.randperm(len(images), generator=generator) if shuffle else torch.arange(len(images))
+    for i in range(0, len(images), batch_size):
+        idx = order[i:i + batch_size]
+        yield images[idx], labels[idx]
+
+
+def hflip_batch(images, labels, generator=None):
+    """Flip a random half of a batch left-right: (B, 3, H, W), (B, G, 5) -> new tensors."""
+    flip = torch.rand(len(images), generator=generator) < 0.5
+    images, labels = images.clone(), labels.clone()
+    images[flip] = images[flip].flip(-1)
+    x1, x2 = labels[flip, :, 1], labels[flip, :, 3]
+    real = labels[flip, :, 0] >= 0  # padding rows stay -1
+    labels[flip, :, 1] = torch.where(real, 1 - x2, x1)
+    labels[flip, :, 3] = torch.where(real, 1 - x1, x2)
+    return images, labels
+
+
+def hard_negative_mask(cls_loss, cls_labels, neg_ratio=3.0):
+    """(B, A) bool: all positives plus the ``neg_ratio`` x #positives hardest negatives.
+
+    cls_loss: (B, A) per-anchor cross-entropy; cls_labels: (B, A), 0 = background.
+    An image without positives keeps ``neg_ratio`` negatives.
+    """
+    positive = cls_labels > 0
+    num_neg = (positive.sum(dim=1, keepdim=True) * neg_ratio).long()
+    num_neg = num_neg.clamp(min=max(1, int(neg_ratio)), max=cls_loss.shape[1] - 1)  # (B, 1)
+    neg_loss = cls_loss.detach().masked_fill(positive, -math.inf)
+    hardest = neg_loss.topk(int(num_neg.max()), dim=1).values  # (B, k), hardest first
+    return positive | (neg_loss >= hardest.gather(1, num_neg - 1))
+
+
+def calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks,
+              neg_ratio=0.0, bbox_weight=1.0, loss_norm="anchors"):
+    """Per-image SSD loss (B,): cross-entropy plus masked L1. Introduced in 07_training.
+
+    cls_preds (B, A, C) logits; cls_labels (B, A); bbox_* (B, A * 4).
+    The defaults are the book's loss: both terms are means over all anchors.
+    ``neg_ratio`` > 0 keeps only the hardest negatives; ``loss_norm="positives"``
+    divides both sums by the number of positive anchors instead.
+    """
+    batch, num_anchors, num_classes = cls_preds.shape
+    ce = F.cross_entropy(cls_preds.reshape(-1, num_classes).float(), cls_labels.reshape(-1),
+                         reduction="none").reshape(batch, num_anchors)
+    l1 = (F.l1_loss(bbox_preds.float() * bbox_masks, bbox_labels * bbox_masks, reduction="none")
+          .reshape(batch, num_anchors, 4).sum(dim=2))  # (B, A), 0 off positives
+    keep = hard_negative_mask(ce, cls_labels, neg_ratio) if neg_ratio > 0 else torch.ones_like(ce, dtype=torch.bool)
+    if loss_norm == "anchors":
+        return (ce * keep).sum(dim=1) / keep.sum(dim=1) + bbox_weight * l1.sum(dim=1) / (4 * num_anchors)
+    if loss_norm == "positives":
+        num_pos = (cls_labels > 0).sum(dim=1).clamp(min=1)
+        return ((ce * keep).sum(dim=1) + bbox_weight * l1.sum(dim=1)) / num_pos
+    raise ValueError(f"loss_norm must be 'anchors' or 'positives', got {loss_norm!r}")
+
+
+@torch.no_grad()
+def batch_metrics(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks):
+    """Counts to sum over an epoch. Introduced in 07_training.
+
+    The book's class error divides by every anchor (mostly easy background) and
+    its box MAE by every offset (mostly masked zeros); we also count the class
+    error over foreground anchors and the MAE over positive anchors only.
+    """
+    wrong = cls_preds.argmax(dim=-1) != cls_labels
+    foreground = cls_labels > 0
+    return {"cls_wrong": int(wrong.sum()), "anchors": wrong.numel(),
+            "fg_wrong": int((wrong & foreground).sum()), "fg_anchors": int(foreground.sum()),
+            "bbox_abs": float(((bbox_preds.float() - bbox_labels) * bbox_masks).abs().sum()),
+            "bbox_values": int(bbox_masks.sum())}
+
+
+def cpu_has_native_bf16():
+    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX) through oneDNN."""
+    cpu = getattr(torch, "cpu", None)
+    native = any(getattr(cpu, name, lambda: False)()
+                 for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    try:
+        return bool(native and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def pick_precision(device, bf16="auto", channels_last="auto"):
+    """(use_bf16, use_channels_last) for ``device``, from "auto" / "on" / "off"."""
+    use_bf16 = (device.type == "cpu" and cpu_has_native_bf16()) if bf16 == "auto" else bf16 == "on"
+    return use_bf16, (use_bf16 if channels_last == "auto" else channels_last == "on")
+
+
+def lr_at(step, total_steps, steps_per_epoch, config):
+    """Learning rate at optimiser step ``step``: linear warm-up, then constant or cosine."""
+    warmup = config.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    if config.schedule == "constant":
+        return config.lr
+    if config.schedule == "cosine":
+        return config.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+    raise ValueError(f"schedule must be 'constant' or 'cosine', got {config.schedule!r}")
+
+
+def save_checkpoint(path, net, **extra):
+    """Save weights and config atomically (temporary file, then rename). Introduced in 07_training.
+
+    Readable with ``torch.load(path, weights_only=True)``; see ``load_model``.
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+             "config": dataclasses.asdict(net.config), **extra}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def train_step(net, optimizer, images, labels, config, device, use_bf16=False, use_cl=False):
+    """One SGD step on a batch: images (B, 3, H, W) uint8, labels (B, G, 5).
+
+    Returns (loss as a float, batch_metrics). The forward pass runs under bf16
+    autocast when asked; targets and loss are float32. No step on a bad loss.
+    """
+    X = images.to(device).float()
+    if use_cl:
+        X = X.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        anchors, cls_preds, bbox_preds = net(X)
+    with torch.no_grad():
+        bbox_labels, bbox_masks, cls_labels = multibox_target(anchors.float(), labels.to(device))
+    loss = calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks,
+                     config.neg_ratio, config.bbox_weight, config.loss_norm).mean()
+    if torch.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return loss.item(), batch_metrics(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks)
+
+
+def _epoch_summary(sums, num_examples, elapsed, lr):
+    """Turn an epoch's summed counts into the numbers the history keeps."""
+    return dict(loss=sums["loss"] / num_examples, cls_err=sums["cls_wrong"] / sums["anchors"],
+                fg_err=sums["fg_wrong"] / max(1, sums["fg_anchors"]),
+                bbox_mae=sums["bbox_abs"] / max(1, sums["bbox_values"]), lr=lr,
+                time=elapsed, examples_per_s=num_examples / elapsed)
+
+
+def train_ssd(net, train_data, config, device, val_data=None, checkpoint=None,
+              on_epoch_end=None, progress=True):
+    """Train a TinySSD; returns the history. Introduced in 07_training.
+
+    train_data, val_data: (images (N, 3, H, W) uint8, labels (N, G, 5)) in memory.
+    With val_data, AP@0.5 and AP@[.5:.95] are measured after every epoch.
+    checkpoint: a path; the final model is saved there atomically.
+    on_epoch_end(epoch, history): e.g. ``live_plot()``. The history holds
+    per-epoch lists (loss, cls_err, fg_err, bbox_mae, lr, time, examples_per_s,
+    AP50, AP); examples_per_s times all the work of the epoch.
+    Raises FloatingPointError naming the epoch and batch on a non-finite loss.
+    """
+    use_bf16, use_cl = pick_precision(device, config.bf16, config.channels_last)
+    net.to(device, memory_format=torch.channels_last if use_cl else torch.contiguous_format)
+    optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    images, labels = train_data
+    steps_per_epoch = math.ceil(len(images) / config.batch_size)
+    total_steps, step = steps_per_epoch * config.epochs, 0
+    history = {key: [] for key in ("loss", "cls_err", "fg_err", "bbox_mae", "lr", "time",
+                                   "examples_per_s", "AP50", "AP")}
+    history.update(bf16=use_bf16, channels_last=use_cl, device=str(device))
+    bar = tqdm.auto.tqdm(total=total_steps, desc="training", disable=not progress)
+    for epoch in range(config.epochs):
+        net.train()
+        start = time.perf_counter()
+        sums = dict.fromkeys(("loss", "cls_wrong", "anchors", "fg_wrong", "fg_anchors",
+                              "bbox_abs", "bbox_values"), 0)
+        for batch, (X, Y) in enumerate(batches(images, labels, config.batch_size, generator)):
+            if config.hflip:
+                X, Y = hflip_batch(X, Y, generator)
+            lr = lr_at(step, total_steps, steps_per_epoch, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, counts = train_step(net, optimizer, X, Y, config, device, use_bf16, use_cl)
+            if not math.isfinite(loss):
+                bar.close()
+                raise FloatingPointError(f"loss is {loss} at epoch {epoch + 1}, batch {batch + 1} "
+                                         f"(lr {lr:.3g}): lower the learning rate or check the labels")
+            for key, value in counts.items():
+                sums[key] += value
+            sums["loss"] += loss * len(X)
+            step += 1
+            bar.update(1)
+        row = _epoch_summary(sums, len(images), time.perf_counter() - start, lr)
+        ap = evaluate_map(detect_images(net, val_data[0]), val_data[1]) if val_data is not None else {}
+        row.update(AP50=ap.get("AP50_voc"), AP=ap.get("AP"))
+        for key in row:
+            history[key].append(row[key])
+        bar.set_postfix(loss=f"{row['loss']:.3g}", ex_per_s=f"{row['examples_per_s']:.0f}",
+                        **({"AP50": f"{row['AP50']:.3f}"} if ap else {}))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, history)
+    bar.close()
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, net, train_config=dataclasses.asdict(config), history=
+                        {k: v for k, v in history.items() if isinstance(v, list)})
+    return history
+
+
+@torch.no_grad()
+def detect_images(net, images, batch_size=50, pos_threshold=0.01, nms_threshold=0.5):
+    """Detections for images (N, 3, H, W) at the model's size. Introduced in 07_training.
+
+    Returns a list of N tensors (k, 6): rows (class, score, xmin, ymin, xmax, ymax),
+    boxes normalised to 0..1, class -1 rows dropped. bf16 and channels_last as in training.
+    """
+    device = next(net.parameters()).device
+    use_bf16, use_cl = pick_precision(device)
+    net.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        X = images[i:i + batch_size].to(device).float()
+        if use_cl:
+            X = X.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            anchors, cls_preds, bbox_preds = net(X)
+        cls_probs = torch.softmax(cls_preds.float(), dim=2).permute(0, 2, 1)
+        detections = multibox_detection(cls_probs, bbox_preds.float(), anchors.float(),
+                                        nms_threshold=nms_threshold, pos_threshold=pos_threshold)
+        out += [d[d[:, 0] >= 0].cpu() for d in detections]
+    return out
+
+
+def plot_history(history, axes=None):
+    """Loss, error and AP per epoch from a ``train_ssd`` history. Introduced in 07_training."""
+    if axes is None:
+        _, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    epochs = range(1, len(history["loss"]) + 1)
+    axes[0].plot(epochs, history["loss"], "o-")
+    axes[0].set_title("training loss")
+    axes[1].plot(epochs, history["fg_err"], "o-", label="class error, foreground anchors")
+    axes[1].plot(epochs, history["bbox_mae"], "s-", label="box MAE, positive anchors")
+    axes[1].set_title("training metrics")
+    axes[1].legend()
+    if any(v is not None for v in history["AP50"]):
+        axes[2].plot(epochs, history["AP50"], "o-", label="AP@0.5 (VOC)")
+        axes[2].plot(epochs, history["AP"], "s-", label="AP@[.5:.95] (COCO)")
+        axes[2].set_ylim(0, 1)
+        axes[2].legend(loc="lower right")
+    axes[2].set_title("validation")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    return axes
+
+
+def live_plot():
+    """An ``on_epoch_end`` for notebooks: redraws ``plot_history`` after every epoch."""
+    from IPython.display import display
+    handle = None
+
+    def redraw(epoch, history):
+        nonlocal handle
+        fig = plot_history(history)[0].figure
+        if handle is None:
+            handle = display(fig, display_id=True)
+        else:
+            handle.update(fig)
+        plt.close(fig)
+    return redraw
+
+
+def train_default_model(path=None, device=None, epochs=None, progress=True):
+    """Train the default recipe on the default banana data and save it. Introduced in 07_training.
+
+    Fast mode trains on 128 images for 2 epochs (unless ``epochs`` is given).
+    Returns the history.
+    """
+    root = generate_banana_detection()
+    images, labels = read_detection_folder(root / "bananas_train")
+    if fast_mode():
+        images, labels = images[:128], labels[:128]
+    config = TrainConfig(epochs=epochs or (2 if fast_mode() else TrainConfig.epochs))
+    set_seed(config.seed)
+    net = TinySSD(default_config())
+    return train_ssd(net, (images, labels), config, device or pick_device(),
+                     checkpoint=path or default_checkpoint(), progress=progress)
+
+
+# ---------------------------------------------------------------------------
+# 8. Prediction: load a trained model and detect on any image (08_prediction)
+# ---------------------------------------------------------------------------
+
+def load_model(path, device=None):
+    """Rebuild a trained TinySSD from a checkpoint. Introduced in 08_prediction.
+
+    Returns ``(net, config)``: the model in eval mode on ``device`` (default CPU)
+    and its SSDConfig. The file is read with ``weights_only=True``, so loading a
+    checkpoint runs no code from it.
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    config = SSDConfig(**{key: _as_tuples(value) for key, value in checkpoint["config"].items()})
+    net = TinySSD(config)
+    net.load_state_dict(checkpoint["state_dict"])
+    return net.to(pick_device("cpu") if device is None else device).eval(), config
+
+
+def _as_tuples(value):
+    """Lists (as a checkpoint stores them) back to the tuples SSDConfig holds."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def to_image_tensor(image):
+    """Any image -> uint8 (3, H, W) RGB. Introduced in 08_prediction.
+
+    ``image``: a file path, a PIL image of any mode, a numpy array (H, W) or
+    (H, W, 3 or 4), or a tensor (3, H, W) / (1, H, W) / (H, W) in 0..255.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as opened:
+            image = opened.convert("RGB")
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.array(image))  # a writable copy
+        image = image[None] if image.ndim == 2 else image[..., :3].permute(2, 0, 1)
+    if image.ndim == 2:
+        image = image[None]
+    if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
+        raise ValueError(f"expected an image (3, H, W), got shape {tuple(image.shape)}")
+    image = image[:3].expand(3, -1, -1) if image.shape[0] == 1 else image[:3]
+    return image.round().clamp(0, 255).to(torch.uint8) if image.is_floating_point() else image.to(torch.uint8)
+
+
+def detect(net, image, threshold=0.5, size=256, nms_threshold=0.5):
+    """Detect objects in one image of any size and mode. Introduced in 08_prediction.
+
+    The image is resized to ``size`` x ``size`` (the training size), and the
+    boxes are mapped back to its own pixels. Returns a float tensor (k, 6) of
+    rows (class_id, score, xmin, ymin, xmax, ymax), best first, score >= threshold.
+    """
+    pixels = to_image_tensor(image)  # (3, H, W) uint8
+    height, width = pixels.shape[1:]
+    device = next(net.parameters()).device
+    X = torch.nn.functional.interpolate(pixels[None].float(), size=(size, size), mode="bilinear",
+                                        antialias=True, align_corners=False)
+    net.eval()
+    with torch.no_grad():
+        anchors, cls_preds, bbox_preds = net(X.to(device))
+        cls_probs = torch.softmax(cls_preds.float(), dim=2).permute(0, 2, 1)
+        output = multibox_detection(cls_probs, bbox_preds.float(), anchors, nms_threshold)[0].cpu()
+    output = output[(output[:, 0] >= 0) & (output[:, 1] >= threshold)]
+    scale = torch.tensor([width, height, width, height], dtype=output.dtype)
+    output[:, 2:] = (output[:, 2:] * scale).clamp(min=torch.zeros(4), max=scale)
+    return output
+
+
+def show_detections(ax, image, detections, class_names=("banana",), colors=("w", "c", "y", "m")):
+    """Draw an image and its detections (k, 6) in pixels on ``ax``. Introduced in 08_prediction."""
+    ax.imshow(to_image_tensor(image).permute(1, 2, 0))
+    for class_id, score, *box in detections.tolist():
+        name = class_names[int(class_id)] if int(class_id) < len(class_names) else str(int(class_id))
+        show_bboxes(ax, [box], f"{name} {score:.2f}", colors[int(class_id) % len(colors)])
+    ax.axis("off")
+
+
+# ---------------------------------------------------------------------------
+# 9. Evaluation: mean average precision (09_evaluation)
+# ---------------------------------------------------------------------------
+#
+# Detections of one image: (k, 6) rows (class_id, score, xmin, ymin, xmax, ymax);
+# ground truth: (m, 5) rows (class_id, xmin, ymin, xmax, ymax); class -1 rows are
+# padding. A batch is a 3-D tensor or a list of per-image tensors. IoU is a ratio
+# of areas, so boxes may be in 0..1 or in pixels.
+#
+# One small function per idea: match_detections (one image, one class: which
+# detections are true positives?), precision_recall (pool all images of a class),
+# average_precision (COCO 101-point or VOC all-point), mean_average_precision and
+# evaluate_map (average over classes and IoU thresholds), plot_pr_curve.
+# The rules (sorting, ties, thresholds, interpolation) follow pycocotools'
+# COCOeval exactly, so the numbers agree with it (tests/test_map.py).
+
+def _as_image_list(batch):
+    """Turn a batch into a list of per-image 2-D tensors.
+
+    batch: a 3-D tensor (batch, rows, cols) or a list/tuple of 2-D tensors
+    (rows, cols); rows may differ between images in the list form.
+    """
+    if isinstance(batch, torch.Tensor):
+        if batch.dim() != 3:
+            raise ValueError("a batch tensor must be 3-D (batch, rows, cols)")
+        return list(batch.unbind(0))
+    return [torch.as_tensor(rows) for rows in batch]
+
+
+def _drop_padding(rows):
+    """Keep only real rows: drop rows whose class_id (column 0) is -1.
+
+    rows: (n, cols) detections or ground truth.  Returns (n', cols).
+    """
+    return rows[rows[:, 0] >= 0]
+
+
+def _rows_of_class(rows, class_id):
+    """Select the rows of one class.  rows: (n, cols) -> (n', cols)."""
+    return rows[rows[:, 0] == class_id]
+
+
+def match_detections(dets, gts, iou_threshold, max_detections=None):
+    """Decide which detections of ONE class in ONE image are true positives.
+
+    dets: (k, 6) rows (class_id, score, xmin, ymin, xmax, ymax), all of the
+          same class (the class column is not looked at).
+    gts:  (m, 5) rows (class_id, xmin, ymin, xmax, ymax) of that class.
+    iou_threshold: float in (0, 1]; a match needs IoU >= threshold.
+    max_detections: keep only this many highest-scoring detections
+        (None = keep all).
+
+    Returns (is_tp, scores), both of length k' = min(k, max_detections) and
+    in descending score order: is_tp is a bool tensor, scores a float tensor.
+
+    The greedy COCO rule: visit detections from the highest score down (a
+    *stable* sort, so equal scores keep their input order).  Each detection
+    takes the still-unmatched ground truth with the highest IoU, if that IoU
+    is >= threshold; otherwise it is a false positive.  Two COCO details:
+    * among unmatched gts with the same best IoU, the *last* one is taken;
+    * the threshold is capped at 1 - 1e-10, so threshold 1.0 still lets a
+      (numerically) perfect box match.
+    """
+    order = torch.sort(-dets[:, 1], stable=True).indices[:max_detections]
+    dets = dets[order]
+    scores = dets[:, 1]
+    is_tp = torch.zeros(len(dets), dtype=torch.bool)
+    if len(dets) == 0 or len(gts) == 0:
+        return is_tp, scores
+    # IoU in float64 like pycocotools (float32 can flip a match when an IoU
+    # sits exactly on a threshold); degenerate boxes give 0/0 = nan -> 0
+    ious = torchvision.ops.box_iou(dets[:, 2:6].double(), gts[:, 1:5].double())  # (k, m)
+    ious = torch.nan_to_num(ious)
+    threshold = min(iou_threshold, 1 - 1e-10)
+    gt_taken = torch.zeros(len(gts), dtype=torch.bool)
+    for i in range(len(dets)):
+        candidate_ious = ious[i].masked_fill(gt_taken, -1.0)  # (m,)
+        best_iou = candidate_ious.max()
+        if best_iou < threshold:
+            continue  # false positive
+        best_gt = torch.nonzero(candidate_ious == best_iou).max()  # last tie
+        gt_taken[best_gt] = True
+        is_tp[i] = True
+    return is_tp, scores
+
+
+def precision_recall(is_tp_per_image, scores_per_image, num_gts):
+    """Precision-recall curve of one class, pooled over all images.
+
+    is_tp_per_image:  list of bool tensors (k_i,), one per image.
+    scores_per_image: list of float tensors (k_i,), matching scores.
+    num_gts: number of ground-truth boxes of this class in all images (> 0).
+
+    Returns (recall, precision): float64 tensors (n,), n = sum of k_i, where
+    entry j describes the ranking cut after the j+1 best detections:
+        recall[j]    = TP_j / num_gts
+        precision[j] = TP_j / (TP_j + FP_j)
+    (pycocotools adds 2.2e-16 to the denominator; it is >= 1 here anyway.)
+    Ranking, as in pycocotools: concatenate the images in order, then a
+    stable sort on -score (equal scores keep image order, then row order).
+    """
+    if num_gts <= 0:
+        raise ValueError("precision/recall need at least one ground truth box")
+    if len(is_tp_per_image) == 0:
+        empty = torch.zeros(0, dtype=torch.float64)
+        return empty, empty.clone()
+    is_tp = torch.cat(is_tp_per_image)
+    scores = torch.cat(scores_per_image)
+    is_tp = is_tp[torch.sort(-scores, stable=True).indices]
+    tp = torch.cumsum(is_tp, dim=0).double()   # true positives so far
+    fp = torch.cumsum(~is_tp, dim=0).double()  # false positives so far
+    recall = tp / num_gts
+    precision = tp / (tp + fp)
+    return recall, precision
+
+
+def precision_envelope(precision):
+    """Interpolated precision: p_interp[j] = max(precision[j:]).
+
+    precision: (n,) array-like.  Returns a float64 numpy array (n,) that is
+    non-increasing -- the "envelope" seen when looking from the right.
+    """
+    precision = np.asarray(precision, dtype=np.float64)
+    return np.maximum.accumulate(precision[::-1])[::-1]
+
+
+def average_precision(recall, precision, method="coco"):
+    """Summarise one precision-recall curve by a single number in [0, 1].
+
+    recall, precision: (n,) tensors or arrays as returned by
+    ``precision_recall`` (recall non-decreasing).  n may be 0 (AP = 0).
+
+    Both methods first replace precision by its envelope
+    p_interp(r) = max precision at any recall >= r, which removes the
+    zig-zags of the raw curve.
+
+    method="coco": 101-point interpolation, exactly as pycocotools.  At each
+        recall level r in np.linspace(0, 1, 101) take p_interp at the first
+        ranking cut whose recall is >= r (np.searchsorted, side='left');
+        recall levels the detector never reaches count as precision 0.
+        AP is the mean of these 101 values.
+    method="voc": all-point interpolation (PASCAL VOC 2010 and later): the
+        exact area under the envelope, a sum of rectangles
+        sum_j (recall[j] - recall[j-1]) * p_interp[j], with recall[-1] = 0.
+        Only true positives move recall, so only they add area.
+    """
+    recall = np.asarray(recall, dtype=np.float64)
+    envelope = precision_envelope(precision)
+    if method == "coco":
+        recall_levels = np.linspace(0.0, 1.0, 101)
+        cut = np.searchsorted(recall, recall_levels, side="left")
+        reached = cut < len(recall)
+        sampled = np.zeros(len(recall_levels))
+        sampled[reached] = envelope[cut[reached]]
+        return float(np.mean(sampled))
+    if method == "voc":
+        recall_steps = np.diff(recall, prepend=0.0)
+        return float(np.sum(recall_steps * envelope))
+    raise ValueError(f"unknown method {method!r}; use 'coco' or 'voc'")
+
+
+def class_precision_recall(detections, ground_truths, class_id, iou_threshold,
+                           max_detections=100):
+    """Precision-recall curve of one class over a whole data set.
+
+    detections: batch of (k, 6) detections (3-D tensor or list of tensors).
+    ground_truths: batch of (m, 5) ground truth (3-D tensor or list).
+    class_id: int; iou_threshold: float.
+    max_detections: at most this many detections per image *of this class*
+        are kept (the highest scoring), like pycocotools' maxDets=100.
+
+    Returns (recall, precision) float64 tensors (n,), or None when the class
+    has no ground truth at all (its AP is undefined and left out of the mean).
+    """
+    dets = _as_image_list(detections)
+    gts = _as_image_list(ground_truths)
+    if len(dets) != len(gts):
+        raise ValueError("detections and ground truths differ in batch size")
+    is_tp_per_image, scores_per_image, num_gts = [], [], 0
+    for image_dets, image_gts in zip(dets, gts):
+        class_dets = _rows_of_class(_drop_padding(image_dets), class_id)
+        class_gts = _rows_of_class(_drop_padding(image_gts), class_id)
+        is_tp, scores = match_detections(class_dets, class_gts,
+                                         iou_threshold, max_detections)
+        is_tp_per_image.append(is_tp)
+        scores_per_image.append(scores)
+        num_gts += len(class_gts)
+    if num_gts == 0:
+        return None
+    return precision_recall(is_tp_per_image, scores_per_image, num_gts)
+
+
+def _infer_num_classes(dets, gts):
+    """1 + the largest class id among real rows of two lists of tensors."""
+    class_ids = [_drop_padding(rows)[:, 0] for rows in dets + gts]
+    class_ids = torch.cat(class_ids) if class_ids else torch.zeros(0)
+    return int(class_ids.max().item()) + 1 if len(class_ids) else 0
+
+
+def mean_average_precision(detections, ground_truths, iou_thresholds=(0.5,),
+                           num_classes=None, method="coco",
+                           max_detections=100):
+    """AP of every (IoU threshold, class) pair and their means.
+
+    detections: batch of (k, 6) rows (class_id, score, xmin, ymin, xmax, ymax).
+    ground_truths: batch of (m, 5) rows (class_id, xmin, ymin, xmax, ymax).
+        Either a 3-D tensor or a list of per-image tensors; class -1 rows
+        are ignored.
+    iou_thresholds: float or sequence of floats, e.g. np.linspace(.5, .95, 10).
+    num_classes: classes 0 .. num_classes-1 are evaluated (default: inferred
+        from the largest class id present).
+    method: "coco" (101-point) or "voc" (all-point), see average_precision.
+    max_detections: per image and per class, as pycocotools' maxDets.
+    Every box counts whatever its size (pycocotools' area range 'all').
+
+    Returns a dict:
+      "map":           float, mean over thresholds and classes (nan if no
+                       class has ground truth),
+      "per_class":     {class_id: AP averaged over the thresholds},
+      "per_threshold": {threshold rounded to 4 digits: mAP over classes},
+      "ap":            float64 tensor (T, C), nan where a class has no
+                       ground truth (such classes are left out of all means,
+                       like pycocotools' -1 entries).
+    """
+    dets = [_drop_padding(d) for d in _as_image_list(detections)]
+    gts = [_drop_padding(g) for g in _as_image_list(ground_truths)]
+    thresholds = [float(t) for t in np.atleast_1d(iou_thresholds)]
+    if num_classes is None:
+        num_classes = _infer_num_classes(dets, gts)
+    ap = torch.full((len(thresholds), num_classes), float("nan"),
+                    dtype=torch.float64)
+    for t, threshold in enumerate(thresholds):
+        for c in range(num_classes):
+            curve = class_precision_recall(dets, gts, c, threshold,
+                                           max_detections)
+            if curve is not None:
+                ap[t, c] = average_precision(*curve, method=method)
+    has_gt = ~torch.isnan(ap).all(dim=0)  # (C,) classes that have ground truth
+    valid = ap[:, has_gt]                  # (T, number of such classes)
+    # an empty mean is nan, which is what we want when no class has gt
+    return {
+        "map": valid.mean().item(),
+        "per_class": {c: ap[:, c].mean().item()
+                      for c in range(num_classes) if has_gt[c]},
+        "per_threshold": {round(th, 4): valid[t].mean().item()
+                          for t, th in enumerate(thresholds)},
+        "ap": ap,
+    }
+
+
+def evaluate_map(detections, ground_truths, num_classes=None,
+                 max_detections=100):
+    """The usual summary numbers, in [0, 1].
+
+    detections / ground_truths: batches as in mean_average_precision.
+    Returns {"AP50": COCO-style AP at IoU 0.5,
+             "AP": COCO AP@[.5:.95] (mean over IoU 0.50, 0.55, ..., 0.95),
+             "AP50_voc": VOC all-point AP at IoU 0.5}.
+    """
+    coco = mean_average_precision(detections, ground_truths,
+                                  np.linspace(0.5, 0.95, 10), num_classes,
+                                  "coco", max_detections)
+    voc = mean_average_precision(detections, ground_truths, 0.5, num_classes,
+                                 "voc", max_detections)
+    return {"AP50": coco["per_threshold"][0.5], "AP": coco["map"],
+            "AP50_voc": voc["map"]}
+
+
+def plot_pr_curve(recall, precision, ax=None, label=None):
+    """Draw a precision-recall curve and its interpolated envelope.
+
+    recall, precision: (n,) tensors or arrays from precision_recall.
+    ax: matplotlib axes to draw into (a new figure if None).
+    label: legend text for the curve.  Returns the axes.
+    """
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.5, 4))
+    recall = np.asarray(recall, dtype=np.float64)
+    precision = np.asarray(precision, dtype=np.float64)
+    line, = ax.plot(recall, precision, marker=".", alpha=0.5,
+                    label=f"{label} (raw)" if label else "raw")
+    if len(recall):
+        # the envelope is a staircase: on (recall[j-1], recall[j]] its value
+        # is p_interp[j]; draw it from recall 0
+        ax.step(np.concatenate([[0.0], recall]),
+                precision_envelope(np.concatenate([precision[:1], precision])),
+                where="pre", color=line.get_color(), linestyle="--",
+                label=f"{label} (interpolated)" if label else "interpolated")
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower left")
+    return ax

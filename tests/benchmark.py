@@ -1,13 +1,16 @@
-"""Speed of our helpers against d2l's, measured in one run: `make bench`.
+"""Speed of our helpers and training step against d2l's, measured in one run: `make bench`.
 
 Prints, for each task, the best time of several repeats for d2l and for us, and
-the ratio. Inputs are seeded, so a re-run measures the same work.
+the ratio; then the examples/s of the book's training step and ours on the
+same batches. Inputs are seeded, so a re-run measures the same work.
 """
 import argparse
+import time
 import timeit
 
 import torch
 from d2l import torch as d2l
+from torch import nn
 
 import ssd_helpers as H
 
@@ -47,15 +50,196 @@ def bench_multibox_detection(anchors, repeat):
     report("multibox_detection, 32 images", ours, reference)
 
 
+# The book's training step, written out as in its notebook (d2l's package has no
+# TinySSD that runs without the notebook's globals).
+
+def seed_cls_predictor(num_inputs, num_anchors, num_classes):
+    return nn.Conv2d(num_inputs, num_anchors * (num_classes + 1), kernel_size=3, padding=1)
+
+
+def seed_bbox_predictor(num_inputs, num_anchors):
+    return nn.Conv2d(num_inputs, num_anchors * 4, kernel_size=3, padding=1)
+
+
+def seed_flatten_pred(pred):
+    return torch.flatten(pred.permute(0, 2, 3, 1), start_dim=1)
+
+
+def seed_concat_preds(preds):
+    return torch.cat([seed_flatten_pred(p) for p in preds], dim=1)
+
+
+def seed_down_sample_blk(in_channels, out_channels):
+    blk = []
+    for _ in range(2):
+        blk.append(nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1))
+        blk.append(nn.BatchNorm2d(out_channels))
+        blk.append(nn.ReLU())
+        in_channels = out_channels
+    blk.append(nn.MaxPool2d(2))
+    return nn.Sequential(*blk)
+
+
+def seed_base_net():
+    blk = []
+    num_filters = [3, 16, 32, 64]
+    for i in range(len(num_filters) - 1):
+        blk.append(seed_down_sample_blk(num_filters[i], num_filters[i + 1]))
+    return nn.Sequential(*blk)
+
+
+def seed_get_blk(i):
+    if i == 0:
+        return seed_base_net()
+    if i == 1:
+        return seed_down_sample_blk(64, 128)
+    if i == 4:
+        return nn.AdaptiveMaxPool2d((1, 1))
+    return seed_down_sample_blk(128, 128)
+
+
+SEED_SIZES = [[0.2, 0.272], [0.37, 0.447], [0.54, 0.619], [0.71, 0.79], [0.88, 0.961]]
+SEED_RATIOS = [[1, 2, 0.5]] * 5
+
+
+class SeedTinySSD(nn.Module):
+    """The book's TinySSD: blocks and heads stored as attributes blk_i, cls_i, bbox_i."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.num_classes = num_classes
+        idx_to_in_channels = [64, 128, 128, 128, 128]
+        num_anchors = len(SEED_SIZES[0]) + len(SEED_RATIOS[0]) - 1
+        for i in range(5):
+            setattr(self, f"blk_{i}", seed_get_blk(i))
+            setattr(self, f"cls_{i}", seed_cls_predictor(idx_to_in_channels[i], num_anchors, num_classes))
+            setattr(self, f"bbox_{i}", seed_bbox_predictor(idx_to_in_channels[i], num_anchors))
+
+    def forward(self, X):
+        anchors, cls_preds, bbox_preds = [None] * 5, [None] * 5, [None] * 5
+        for i in range(5):
+            X = getattr(self, f"blk_{i}")(X)
+            anchors[i] = d2l.multibox_prior(X, sizes=SEED_SIZES[i], ratios=SEED_RATIOS[i])
+            cls_preds[i] = getattr(self, f"cls_{i}")(X)
+            bbox_preds[i] = getattr(self, f"bbox_{i}")(X)
+        anchors = torch.cat(anchors, dim=1)
+        cls_preds = seed_concat_preds(cls_preds)
+        cls_preds = cls_preds.reshape(cls_preds.shape[0], -1, self.num_classes + 1)
+        bbox_preds = seed_concat_preds(bbox_preds)
+        return anchors, cls_preds, bbox_preds
+
+
+class SeedBananasDataset(torch.utils.data.Dataset):
+    """d2l's BananasDataset: a list of uint8 images, made float per item."""
+
+    def __init__(self, images, labels):
+        self.features, self.labels = list(images), labels
+
+    def __getitem__(self, idx):
+        return self.features[idx].float(), self.labels[idx]
+
+    def __len__(self):
+        return len(self.features)
+
+
+seed_cls_loss = nn.CrossEntropyLoss(reduction="none")
+seed_bbox_loss = nn.L1Loss(reduction="none")
+
+
+def seed_calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks):
+    batch_size, num_classes = cls_preds.shape[0], cls_preds.shape[2]
+    cls = seed_cls_loss(cls_preds.reshape(-1, num_classes),
+                        cls_labels.reshape(-1)).reshape(batch_size, -1).mean(dim=1)
+    bbox = seed_bbox_loss(bbox_preds * bbox_masks, bbox_labels * bbox_masks).mean(dim=1)
+    return cls + bbox
+
+
+def seed_cls_eval(cls_preds, cls_labels):
+    return float((cls_preds.argmax(dim=-1).type(cls_labels.dtype) == cls_labels).sum())
+
+
+def seed_bbox_eval(bbox_preds, bbox_labels, bbox_masks):
+    return float((torch.abs((bbox_labels - bbox_preds) * bbox_masks)).sum())
+
+
+def seed_step(net, trainer, features, target, device):
+    """The body of d2l's training loop for one batch."""
+    trainer.zero_grad()
+    X, Y = features.to(device), target.to(device)
+    anchors, cls_preds, bbox_preds = net(X)
+    bbox_labels, bbox_masks, cls_labels = d2l.multibox_target(anchors, Y)
+    l = seed_calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks)
+    l.mean().backward()
+    trainer.step()
+    return (seed_cls_eval(cls_preds, cls_labels), cls_labels.numel(),
+            seed_bbox_eval(bbox_preds, bbox_labels, bbox_masks), bbox_labels.numel())
+
+
+def bench_training(batches, warmup):
+    """The book's training step against ours, on the same batches, interleaved batch by batch.
+
+    The seed: the book's TinySSD, d2l's multibox_target, a DataLoader over a list
+    of uint8 images made float per item (d2l's BananasDataset), fp32 NCHW.
+    Ours: H.train_step (uint8 batches sliced from one tensor, vectorised targets,
+    our default loss) in fp32 NCHW and in bf16 + channels_last when the CPU has it.
+    Each timed step holds everything a loop does per batch: batch, targets,
+    forward, loss, backward, update, metrics.
+    """
+    device = torch.device("cpu")
+    images, labels = H.read_detection_folder(H.generate_banana_detection() / "bananas_train")
+    n = (warmup + batches) * 32
+    batch_ids = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:n].reshape(-1, 32)
+    seed_iter = iter(torch.utils.data.DataLoader(SeedBananasDataset(images, labels),
+                                                 batch_sampler=batch_ids.tolist()))
+    torch.manual_seed(0)
+    seed_net = SeedTinySSD(num_classes=1)
+    seed_opt = torch.optim.SGD(seed_net.parameters(), lr=0.2, weight_decay=5e-4)
+
+    def run_seed(ids):
+        features, target = next(seed_iter)
+        seed_step(seed_net, seed_opt, features, target, device)
+
+    variants = {"book (d2l, fp32 NCHW)": run_seed}
+    native_bf16 = H.cpu_has_native_bf16()
+    for name, bf16, cl in (("ours fp32 NCHW", False, False), ("ours bf16 channels_last", True, True)):
+        if bf16 and not native_bf16:
+            continue
+        torch.manual_seed(0)
+        net = H.TinySSD(H.default_config()).to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        opt = torch.optim.SGD(net.parameters(), lr=0.02, weight_decay=5e-4)
+        config = H.TrainConfig(hflip=False)
+
+        def run(ids, net=net, opt=opt, config=config, bf16=bf16, cl=cl):
+            H.train_step(net, opt, images[ids], labels[ids], config, device, bf16, cl)
+        variants[name] = run
+    spent = dict.fromkeys(variants, 0.0)
+    for b, ids in enumerate(batch_ids):
+        for name, run in variants.items():
+            start = time.perf_counter()
+            run(ids)
+            if b >= warmup:
+                spent[name] += time.perf_counter() - start
+    print(f"training step, {batches} timed batches of 32 per variant (interleaved), {warmup} warm-up:")
+    book = batches * 32 / spent["book (d2l, fp32 NCHW)"]
+    for name, seconds in spent.items():
+        rate = batches * 32 / seconds
+        print(f"  {name:<26} {rate:6.1f} examples/s   {rate / book:5.2f}x the book")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeat", type=int, default=5, help="rounds per timing (best is kept)")
+    parser.add_argument("--batches", type=int, default=12, help="timed training batches per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed training batches first")
+    parser.add_argument("--skip-training", action="store_true", help="only the helper benchmarks")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with torch.no_grad():
         anchors = H.TinySSD()(torch.zeros(1, 3, 256, 256))[0]
         bench_multibox_target(anchors, args.repeat)
         bench_multibox_detection(anchors, args.repeat)
+    if not args.skip_training:
+        bench_training(args.batches, args.warmup)
 
 
 if __name__ == "__main__":
