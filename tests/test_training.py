@@ -1,0 +1,163 @@
+"""Training, checkpoints and prediction (notebooks 07 and 08)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import ssd_helpers as H
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = H.generate_banana_detection(tmp_path_factory.mktemp("d") / "bananas", num_train=16, num_val=4)
+    return H.read_detection_folder(root / "bananas_train"), H.read_detection_folder(root / "bananas_val")
+
+
+def fake_batch(seed=0, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    net = H.TinySSD()
+    anchors, cls_preds, bbox_preds = net(torch.rand(batch, 3, 64, 64, generator=g) * 255)
+    labels = torch.tensor([[[0, 0.1, 0.1, 0.5, 0.6]], [[0, 0.5, 0.4, 0.9, 0.8]]])[:batch]
+    return (cls_preds, bbox_preds) + H.multibox_target(anchors, labels)
+
+
+def test_default_loss_is_the_books():
+    cls_preds, bbox_preds, bbox_labels, bbox_masks, cls_labels = fake_batch()
+    batch, _, num_classes = cls_preds.shape
+    book = (F.cross_entropy(cls_preds.reshape(-1, num_classes), cls_labels.reshape(-1), reduction="none")
+            .reshape(batch, -1).mean(dim=1)
+            + F.l1_loss(bbox_preds * bbox_masks, bbox_labels * bbox_masks, reduction="none").mean(dim=1))
+    torch.testing.assert_close(H.calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks), book)
+
+
+def test_hard_negative_mask_keeps_positives_and_three_negatives_each():
+    g = torch.Generator().manual_seed(0)
+    cls_loss = torch.rand(2, 100, generator=g)
+    cls_labels = torch.zeros(2, 100, dtype=torch.long)
+    cls_labels[0, [3, 50]] = 1  # two positives in image 0, none in image 1
+    keep = H.hard_negative_mask(cls_loss, cls_labels, neg_ratio=3.0)
+    assert keep[0, [3, 50]].all() and int(keep[0].sum()) == 2 + 6
+    negatives = cls_loss[0].masked_fill(cls_labels[0] > 0, -1)
+    assert set(negatives.topk(6).indices.tolist()) == set((keep[0] & (cls_labels[0] == 0)).nonzero()[:, 0].tolist())
+    assert int(keep[1].sum()) == 3  # an image without objects still trains on some negatives
+
+
+def test_positive_normalisation_divides_by_positives():
+    cls_preds, bbox_preds, bbox_labels, bbox_masks, cls_labels = fake_batch()
+    full = H.calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks, loss_norm="positives")
+    num_pos = (cls_labels > 0).sum(dim=1)
+    ce = F.cross_entropy(cls_preds.reshape(-1, 2), cls_labels.reshape(-1), reduction="none").reshape(2, -1)
+    l1 = (F.l1_loss(bbox_preds * bbox_masks, bbox_labels * bbox_masks, reduction="none")).sum(dim=1)
+    torch.testing.assert_close(full, (ce.sum(dim=1) + l1) / num_pos)
+
+
+def test_metrics_count_foreground_and_positive_anchors():
+    cls_preds, bbox_preds, bbox_labels, bbox_masks, cls_labels = fake_batch()
+    counts = H.batch_metrics(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks)
+    assert counts["anchors"] == cls_labels.numel()
+    assert counts["fg_anchors"] == int((cls_labels > 0).sum()) and counts["bbox_values"] == 4 * counts["fg_anchors"]
+
+
+def test_hflip_moves_boxes_with_the_pixels():
+    images = torch.zeros(8, 3, 16, 16, dtype=torch.uint8)
+    images[:, :, 4:8, 2:6] = 255  # a white square at x 2..6, y 4..8
+    labels = torch.tensor([[[0, 2 / 16, 4 / 16, 6 / 16, 8 / 16], [-1, -1, -1, -1, -1]]]).repeat(8, 1, 1)
+    flipped, new_labels = H.hflip_batch(images, labels, torch.Generator().manual_seed(0))
+    for image, label in zip(flipped, new_labels):
+        cols = (image[0] > 0).any(dim=0).nonzero()[:, 0]
+        assert torch.allclose(label[0, [1, 3]] * 16, torch.tensor([cols.min(), cols.max() + 1]).float())
+        assert (label[1] == -1).all()
+    assert 0 < sum(not torch.equal(a, b) for a, b in zip(flipped, images)) < 8
+
+
+def test_learning_rate_warms_up_then_decays():
+    config = H.TrainConfig(epochs=4, lr=0.1, warmup_epochs=1.0)
+    lrs = [H.lr_at(step, 40, 10, config) for step in range(40)]
+    assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.001
+
+
+def test_training_runs_reports_and_saves(tiny_data, tmp_path):
+    train, val = tiny_data
+    H.set_seed(0)
+    net = H.TinySSD(H.default_config())
+    path = tmp_path / "model.pt"
+    history = H.train_ssd(net, train, H.TrainConfig(epochs=2, batch_size=8, bf16="off"), torch.device("cpu"),
+                          val_data=val, checkpoint=path, progress=False)
+    assert len(history["loss"]) == 2 and all(math.isfinite(v) for v in history["loss"])
+    assert all(v > 0 for v in history["examples_per_s"]) and 0 <= history["AP"][-1] <= 1
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left
+    loaded, config = H.load_model(path)
+    assert config == net.config
+    x = torch.rand(1, 3, 256, 256) * 255
+    net.eval()
+    for a, b in zip(net(x), loaded(x)):
+        torch.testing.assert_close(a, b)
+
+
+def test_same_seed_same_training(tiny_data):
+    train, _ = tiny_data
+    losses = []
+    for _ in range(2):
+        H.set_seed(0)
+        net = H.TinySSD(H.default_config())
+        losses.append(H.train_ssd(net, train, H.TrainConfig(epochs=1, batch_size=8, bf16="off"),
+                                  torch.device("cpu"), progress=False)["loss"])
+    assert losses[0] == losses[1]
+
+
+def test_non_finite_loss_stops_with_where(tiny_data):
+    images, labels = tiny_data[0]
+    net = H.TinySSD(H.default_config())
+    with torch.no_grad():
+        net.cls_heads[0].bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"epoch 1, batch 1"):
+        H.train_ssd(net, (images, labels), H.TrainConfig(epochs=1, batch_size=8, bf16="off"),
+                    torch.device("cpu"), progress=False)
+
+
+def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
+    net = H.TinySSD()
+    path = tmp_path / "model.pt"
+    H.save_checkpoint(path, net)
+    before = path.read_bytes()
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        H.save_checkpoint(path, H.TinySSD(num_classes=2))
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_detect_maps_boxes_back_to_any_image(tiny_data):
+    H.set_seed(0)
+    net = H.TinySSD(H.default_config()).eval()
+    wide = torch.nn.functional.interpolate(tiny_data[1][0][:1].float(), size=(200, 500))[0].to(torch.uint8)
+    found = H.detect(net, wide, threshold=0.0)  # (k, 6) in the 500x200 image's pixels
+    X = torch.nn.functional.interpolate(wide[None].float(), size=(256, 256), mode="bilinear", antialias=True)
+    with torch.no_grad():
+        anchors, cls_preds, bbox_preds = net(X)
+    reference = H.multibox_detection(torch.softmax(cls_preds, 2).permute(0, 2, 1), bbox_preds, anchors)[0]
+    reference = reference[reference[:, 0] >= 0]
+    scale = torch.tensor([500.0, 200, 500, 200])
+    torch.testing.assert_close(found[:, 2:], (reference[:, 2:] * scale).clamp(torch.zeros(4), scale))
+    assert (found[:, [2, 4]] <= 500).all() and (found[:, [3, 5]] <= 200).all()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
+def test_detect_takes_paths_and_pil_images_of_any_mode(tiny_data, tmp_path, mode):
+    net = H.TinySSD(H.default_config()).eval()
+    pixels = tiny_data[1][0][0].permute(1, 2, 0).numpy()
+    image = Image.fromarray(pixels).resize((300, 200)).convert(mode)
+    image.save(tmp_path / "photo.png")
+    for source in (image, tmp_path / "photo.png", str(tmp_path / "photo.png"), np.asarray(image)):
+        assert H.detect(net, source, threshold=0.0).shape[1] == 6
+
+
+def test_to_image_tensor_rejects_nonsense():
+    with pytest.raises(ValueError, match="expected an image"):
+        H.to_image_tensor(torch.zeros(5, 8, 8))
