@@ -1717,7 +1717,7 @@ class TrainConfig:
     """
     epochs: int = 20
     batch_size: int = 32
-    lr: float = 0.2               # peak learning rate of SGD, as the book
+    lr: float = 0.02              # peak SGD learning rate; the book's 0.2 is too large for a per-positive loss
     momentum: float = 0.0         # the book uses plain SGD
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0    # linear warm-up from 0, then ...
@@ -1727,13 +1727,14 @@ class TrainConfig:
     loss_norm: str = "positives"  # "positives": sums / #positives (SSD paper); "anchors": means (the book)
     hflip: bool = True            # flip a random half of each batch left-right
     bf16: str = "auto"            # bf16 autocast: "auto" (CPUs with native bf16), "on", "off"
-    channels_last: str = "auto"   # "auto" (with bf16), "on", "off"
+    channels_last: str = "auto"   # "auto" (on a CPU, and with bf16), "on", "off"
     seed: int = 0
 
     @classmethod
     def seed_recipe(cls, **overrides):
         """The book's recipe: constant lr 0.2, every anchor in the loss, no flips."""
-        book = dict(warmup_epochs=0.0, schedule="constant", neg_ratio=0.0, loss_norm="anchors", hflip=False)
+        book = dict(lr=0.2, warmup_epochs=0.0, schedule="constant", neg_ratio=0.0, loss_norm="anchors",
+                    hflip=False)
         return cls(**{**book, **overrides})
 
 
@@ -1832,9 +1833,13 @@ def cpu_has_native_bf16():
 
 
 def pick_precision(device, bf16="auto", channels_last="auto"):
-    """(use_bf16, use_channels_last) for ``device``, from "auto" / "on" / "off"."""
+    """(use_bf16, use_channels_last) for ``device``, from "auto" / "on" / "off".
+
+    channels_last speeds up convolutions on CPUs in fp32 too, and bf16 needs it.
+    """
     use_bf16 = (device.type == "cpu" and cpu_has_native_bf16()) if bf16 == "auto" else bf16 == "on"
-    return use_bf16, (use_bf16 if channels_last == "auto" else channels_last == "on")
+    use_cl = (use_bf16 or device.type == "cpu") if channels_last == "auto" else channels_last == "on"
+    return use_bf16, use_cl
 
 
 def lr_at(step, total_steps, steps_per_epoch, config):

@@ -168,8 +168,8 @@ def seed_step(net, trainer, features, target, device):
     X, Y = features.to(device), target.to(device)
     anchors, cls_preds, bbox_preds = net(X)
     bbox_labels, bbox_masks, cls_labels = d2l.multibox_target(anchors, Y)
-    l = seed_calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks)
-    l.mean().backward()
+    loss = seed_calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks)
+    loss.mean().backward()
     trainer.step()
     return (seed_cls_eval(cls_preds, cls_labels), cls_labels.numel(),
             seed_bbox_eval(bbox_preds, bbox_labels, bbox_masks), bbox_labels.numel())

@@ -55,7 +55,7 @@ def test_boxes_are_tight_and_masks_disjoint(photos):
         assert image.shape == (256, 256, 3) and image.dtype == np.uint8
         assert boxes.dtype == np.int64 and boxes.shape == (len(masks), 5)
         assert masks.sum(axis=0).max() <= 1  # a pixel belongs to one object
-        for (label, x0, y0, x1, y1), mask in zip(boxes, masks):
+        for (_, x0, y0, x1, y1), mask in zip(boxes, masks):
             assert 0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 256
             ys, xs = np.nonzero(mask)
             assert xs.min() >= x0 and xs.max() <= x1 - 1    # inside the box
