@@ -13,6 +13,7 @@ Read it as a book. The sections follow the notebooks:
     7. Training: losses, metrics, the loop         (07_training)
     8. Prediction: load_model and detect           (08_prediction)
     9. Evaluation: mean average precision          (09_evaluation)
+    10. Improvements: box-aware augmentation       (10_improvements)
 
 Conventions used everywhere:
 
@@ -27,6 +28,7 @@ There is no module-level state: the device, the config and the seed are passed
 in explicitly.
 """
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -47,6 +49,8 @@ import torchvision
 import tqdm.auto
 from PIL import Image, ImageDraw, ImageFilter
 from torch import nn
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 __all__ = [
     # 0. Set-up
@@ -80,6 +84,8 @@ __all__ = [
     # 9. Evaluation
     "match_detections", "precision_recall", "precision_envelope", "average_precision",
     "class_precision_recall", "mean_average_precision", "evaluate_map", "plot_pr_curve",
+    # 10. Improvements
+    "ssd_augmentation", "augment_sample", "augment_batch", "show_augmented",
 ]
 
 
@@ -2415,3 +2421,166 @@ def plot_pr_curve(recall, precision, ax=None, label=None):
     ax.set_ylim(0, 1.02)
     ax.legend(loc="lower left")
     return ax
+
+
+# ---------------------------------------------------------------------------
+# 10. Improvements: box-aware augmentation (10_improvements)
+# ---------------------------------------------------------------------------
+#
+# Batches are uint8 images (B, 3, H, W) and float32 labels (B, G, 5) with rows
+# (class, xmin, ymin, xmax, ymax) normalised to 0..1, padded with rows of -1.
+# torchvision's box transforms want pixel boxes in a tv_tensors.BoundingBoxes
+# that travels in the same call as the image, so augment_sample converts one
+# image's rows to pixels, runs the transform on a dict {"image", "boxes",
+# "labels"} and converts back.
+
+class _PhotometricDistort(v2.RandomPhotometricDistort):
+    """SSD's photometric distortion, optionally without the channel shuffle.
+
+    torchvision shuffles R, G, B with probability ``p``; the original SSD
+    (caffe, random_order_prob=0) did not, and here colour tells a yellow
+    banana from an orange: a shuffled banana turns cyan or magenta.
+    """
+
+    def __init__(self, channel_swap=False, **kwargs):
+        super().__init__(**kwargs)
+        self.channel_swap = channel_swap
+
+    def make_params(self, flat_inputs):
+        params = super().make_params(flat_inputs)
+        if not self.channel_swap:
+            params["channel_permutation"] = None
+        return params
+
+
+def ssd_augmentation(size=256, max_zoom=2.5, p_zoom=0.5, min_scale=0.3,
+                     iou_options=(0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0), channel_swap=False):
+    """SSD's training augmentation as a ``v2.Compose``.
+
+    Photometric distortion -> zoom-out (pad to up to ``max_zoom`` x the side with
+    the ImageNet mean colour, with probability ``p_zoom``) -> SSD's IoU crop ->
+    resize to ``size`` x ``size`` -> horizontal flip -> drop boxes the crop
+    removed. Call it on a dict {"image": tv_tensors.Image, "boxes":
+    tv_tensors.BoundingBoxes, "labels": tensor (n,)} (``augment_sample`` does).
+
+    max_zoom 2.5 (SSD: 4): shrinks our 34..73 px bananas to 14..29 px, the
+    size range of the small-banana split (15..30 px). 4x would make 8..18 px
+    objects, smaller than any test split and with IoU < 0.15 to the smallest
+    anchor (0.2 x 256 = 51 px), so each would match one poor anchor.
+    iou_options: minimum IoU of the crop with some box, one drawn per image
+    (SSD's list); 1.0 means "no crop" and must stay in the list: it is also how
+    an image without boxes gets through (torchvision retries forever otherwise).
+    """
+    if max(iou_options) < 1.0:
+        raise ValueError("iou_options must include 1.0 (keep the image uncropped)")
+    mean = tuple(round(m) for m in IMAGENET_MEAN)  # padding normalises to ~0
+    return v2.Compose([
+        _PhotometricDistort(channel_swap=channel_swap),
+        v2.RandomZoomOut(fill={tv_tensors.Image: mean, "others": 0},
+                         side_range=(1.0, max_zoom), p=p_zoom),
+        v2.RandomIoUCrop(min_scale=min_scale, sampler_options=list(iou_options)),
+        v2.Resize((size, size), antialias=True),
+        v2.RandomHorizontalFlip(0.5),
+        v2.SanitizeBoundingBoxes(),  # drops boxes the crop zeroed (and their labels)
+    ])
+
+
+def augment_sample(transform, image, label, masks=None):
+    """Augment one image and its label rows.
+
+    image: uint8 (3, H, W); label: (G, 5) normalised rows, -1 padding allowed.
+    Returns (image uint8 (3, h, w), label float32 (n, 5) normalised, real rows
+    only, in input order). ``masks`` (n_real, ..., H, W), one per real row, go
+    through the same call (tests use them to follow the objects' pixels) and
+    are returned third, minus the rows that were dropped.
+    """
+    rows = label[label[:, 0] >= 0].float()
+    height, width = image.shape[-2:]
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+    sample = {"image": tv_tensors.Image(image),
+              "boxes": tv_tensors.BoundingBoxes(rows[:, 1:] * scale, format="XYXY",
+                                                canvas_size=(height, width)),
+              "labels": rows[:, 0]}
+    if masks is not None:
+        sample["masks"] = tv_tensors.Mask(masks)
+    out = transform(sample)
+    height, width = out["image"].shape[-2:]
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+    boxes = out["boxes"].as_subclass(torch.Tensor).float() / scale
+    new_label = torch.cat([out["labels"][:, None], boxes], dim=1)
+    new_image = out["image"].as_subclass(torch.Tensor)
+    if masks is None:
+        return new_image, new_label
+    return new_image, new_label, out["masks"].as_subclass(torch.Tensor)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run torch ops on one thread inside the block, then restore the count.
+
+    Per-image augmentation is many tiny ops: extra threads barely help, and on
+    a busy CPU they stall each other (measured: 0.2 s -> 10 s per batch of 32).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def augment_batch(transform, images, labels, generator=None):
+    """Augment each image of a batch: (B, 3, H, W) uint8, (B, G, 5) -> new tensors.
+
+    Labels come back (B, G, 5), padded with -1 rows: the transforms only move,
+    clip or drop boxes, never add any, so G rows always suffice. An image that
+    ends up with no box stays in the batch with all -1 rows (SSD learns
+    background from it); with ``ssd_augmentation`` only images that had no box
+    to begin with end up so in practice: every IoU crop
+    holds the centre of at least one box, so at least half of that box stays.
+
+    Randomness: torchvision draws from torch's global RNG. This function draws
+    one seed per image from ``generator`` (None: the global RNG), then runs the
+    transforms under ``torch.random.fork_rng`` with the global RNG reseeded for
+    each image. Same generator state -> same batch; given its seed, an image's
+    augmentation does not depend on how many numbers the others drew; the
+    global RNG is left as it was (generator given) or advanced by just the seed
+    draw (generator None). Runs single-threaded (see ``_one_thread``).
+    """
+    seeds = torch.randint(0, 2**62, (len(images),), generator=generator).tolist()
+    out_images = []
+    out_labels = torch.full_like(labels, -1.0, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]), _one_thread():
+        for i, seed in enumerate(seeds):
+            torch.manual_seed(seed)
+            image, rows = augment_sample(transform, images[i], labels[i])
+            out_images.append(image)
+            out_labels[i, :len(rows)] = rows
+        out_images = torch.stack(out_images)
+    return out_images, out_labels
+
+
+def show_augmented(transform, images, labels, num=6, generator=None, class_names=None,
+                   colors=("w", "c", "y", "m"), scale=2.0):
+    """Plot ``num`` images (top row) over an augmented copy (bottom row) with boxes.
+
+    Returns the matplotlib figure.
+    """
+    images, labels = images[:num], labels[:num]
+    augmented = augment_batch(transform, images, labels, generator)
+    fig, axes = plt.subplots(2, len(images), figsize=(scale * len(images), scale * 2.1),
+                             squeeze=False)
+    for row, (imgs, labs) in enumerate([(images, labels), augmented]):
+        for ax, image, label in zip(axes[row], imgs, labs):
+            real = label[label[:, 0] >= 0]
+            height, width = image.shape[-2:]
+            ax.imshow(image.permute(1, 2, 0).numpy())
+            classes = [int(c) for c in real[:, 0]]
+            names = [class_names[c] if class_names else str(c) for c in classes]
+            show_bboxes(ax, real[:, 1:] * torch.tensor([width, height, width, height]),
+                        labels=names, colors=[colors[c % len(colors)] for c in classes] or None)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[row, 0].set_ylabel(("original", "augmented")[row])
+    fig.tight_layout()
+    return fig
