@@ -1406,8 +1406,8 @@ def remove_stale_temporaries(root, fresh, max_age_s=3600):
 def progress_ticker(progress, total):
     """Turn the `progress` argument into (tick, close) callables.
 
-    progress: None/False (silent), True (a tqdm bar if tqdm is installed)
-    or a callable f(done, total) called after every image.
+    progress: None/False (silent), True (a tqdm bar) or a callable
+    f(done, total) called after every image.
     """
     if callable(progress):
         done = [0]
@@ -1417,11 +1417,7 @@ def progress_ticker(progress, total):
             progress(done[0], total)
         return tick, lambda: None
     if progress:
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            return lambda: None, lambda: None
-        bar = tqdm(total=total, desc="generating images")
+        bar = tqdm.auto.tqdm(total=total, desc="generating images")
         return lambda: bar.update(1), bar.close
     return lambda: None, lambda: None
 
@@ -2065,7 +2061,7 @@ def load_model(path, device=None):
     config = SSDConfig(**{key: _as_tuples(value) for key, value in checkpoint["config"].items()})
     net = TinySSD(config)
     net.load_state_dict(checkpoint["state_dict"])
-    return net.to(pick_device("cpu") if device is None else device).eval(), config
+    return net.to(device or "cpu").eval(), config
 
 
 def _as_tuples(value):
