@@ -76,7 +76,7 @@ __all__ = [
     "DetectionDataset", "load_data_bananas",
     # 7. Training
     "TrainConfig", "IMAGENET_MEAN", "IMAGENET_STD", "default_config", "default_checkpoint",
-    "hflip_batch", "hard_negative_mask", "calc_loss", "batch_metrics", "cpu_has_native_bf16",
+    "hflip_batch", "hard_negative_mask", "focal_loss", "calc_loss", "batch_metrics", "cpu_has_native_bf16",
     "pick_precision", "save_checkpoint", "train_step", "train_ssd", "detect_images", "plot_history", "live_plot",
     "train_default_model",
     # 8. Prediction
@@ -86,6 +86,7 @@ __all__ = [
     "class_precision_recall", "mean_average_precision", "evaluate_map", "plot_pr_curve",
     # 10. Improvements
     "ssd_augmentation", "augment_sample", "augment_batch", "show_augmented",
+    "evaluate_splits", "train_variant",
 ]
 
 
@@ -1727,7 +1728,11 @@ class TrainConfig:
     neg_ratio: float = 3.0        # hard negatives per positive; 0: every anchor (the book)
     bbox_weight: float = 1.0      # weight of the box loss against the class loss
     loss_norm: str = "positives"  # "positives": sums / #positives (SSD paper); "anchors": means (the book)
+    box_loss: str = "l1"          # "l1" (the book) or "smooth_l1" (SSD paper); 10_improvements
+    cls_loss: str = "ce"          # "ce" (cross-entropy) or "focal" (softmax focal loss); 10_improvements
+    focal_gamma: float = 2.0      # focal loss exponent; 0 gives cross-entropy
     hflip: bool = True            # flip a random half of each batch left-right
+    augment: bool = False         # SSD's augmentation (ssd_augmentation, includes the flip); 10_improvements
     bf16: str = "auto"            # bf16 autocast: "auto" (CPUs with native bf16), "on", "off"
     channels_last: str = "auto"   # "auto" (on a CPU, and with bf16), "on", "off"
     seed: int = 0
@@ -1784,26 +1789,48 @@ def hard_negative_mask(cls_loss, cls_labels, neg_ratio=3.0):
     return positive | (neg_loss >= hardest.gather(1, num_neg - 1))
 
 
+def focal_loss(logits, labels, gamma=2.0):
+    """Softmax focal loss per row: (N, C) logits, (N,) class ids -> (N,). Introduced in 10_improvements.
+
+    -(1 - p_t)^gamma * log(p_t), p_t = softmax probability of the true class
+    (Lin et al. 2017). gamma = 0 is cross-entropy; a larger gamma shrinks the
+    loss of anchors that are already right (p_t near 1), mostly easy background.
+    """
+    log_pt = F.log_softmax(logits.float(), dim=-1).gather(-1, labels[:, None]).squeeze(-1)
+    return -(1 - log_pt.exp()).pow(gamma) * log_pt
+
+
 def calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks,
-              neg_ratio=0.0, bbox_weight=1.0, loss_norm="anchors"):
-    """Per-image SSD loss (B,): cross-entropy plus masked L1. Introduced in 07_training.
+              neg_ratio=0.0, bbox_weight=1.0, loss_norm="anchors",
+              box_loss="l1", cls_loss="ce", focal_gamma=2.0):
+    """Per-image SSD loss (B,): class loss plus masked box loss. Introduced in 07_training.
 
     cls_preds (B, A, C) logits; cls_labels (B, A); bbox_* (B, A * 4).
-    The defaults are the book's loss: both terms are means over all anchors.
-    ``neg_ratio`` > 0 keeps only the hardest negatives; ``loss_norm="positives"``
-    divides both sums by the number of positive anchors instead.
+    The defaults are the book's loss: cross-entropy and L1, both means over all
+    anchors. ``neg_ratio`` > 0 keeps only the hardest negatives; ``loss_norm=
+    "positives"`` divides both sums by the number of positive anchors instead.
+    10_improvements adds ``box_loss="smooth_l1"`` and ``cls_loss="focal"``.
     """
     batch, num_anchors, num_classes = cls_preds.shape
-    ce = F.cross_entropy(cls_preds.reshape(-1, num_classes).float(), cls_labels.reshape(-1),
-                         reduction="none").reshape(batch, num_anchors)
-    l1 = (F.l1_loss(bbox_preds.float() * bbox_masks, bbox_labels * bbox_masks, reduction="none")
-          .reshape(batch, num_anchors, 4).sum(dim=2))  # (B, A), 0 off positives
-    keep = hard_negative_mask(ce, cls_labels, neg_ratio) if neg_ratio > 0 else torch.ones_like(ce, dtype=torch.bool)
+    logits, targets = cls_preds.reshape(-1, num_classes).float(), cls_labels.reshape(-1)
+    if cls_loss == "ce":
+        cls = F.cross_entropy(logits, targets, reduction="none")
+    elif cls_loss == "focal":
+        cls = focal_loss(logits, targets, focal_gamma)
+    else:
+        raise ValueError(f"cls_loss must be 'ce' or 'focal', got {cls_loss!r}")
+    cls = cls.reshape(batch, num_anchors)
+    box_fn = {"l1": F.l1_loss, "smooth_l1": F.smooth_l1_loss}.get(box_loss)
+    if box_fn is None:
+        raise ValueError(f"box_loss must be 'l1' or 'smooth_l1', got {box_loss!r}")
+    box = (box_fn(bbox_preds.float() * bbox_masks, bbox_labels * bbox_masks, reduction="none")
+           .reshape(batch, num_anchors, 4).sum(dim=2))  # (B, A), 0 off positives
+    keep = hard_negative_mask(cls, cls_labels, neg_ratio) if neg_ratio > 0 else torch.ones_like(cls, dtype=torch.bool)
     if loss_norm == "anchors":
-        return (ce * keep).sum(dim=1) / keep.sum(dim=1) + bbox_weight * l1.sum(dim=1) / (4 * num_anchors)
+        return (cls * keep).sum(dim=1) / keep.sum(dim=1) + bbox_weight * box.sum(dim=1) / (4 * num_anchors)
     if loss_norm == "positives":
         num_pos = (cls_labels > 0).sum(dim=1).clamp(min=1)
-        return ((ce * keep).sum(dim=1) + bbox_weight * l1.sum(dim=1)) / num_pos
+        return ((cls * keep).sum(dim=1) + bbox_weight * box.sum(dim=1)) / num_pos
     raise ValueError(f"loss_norm must be 'anchors' or 'positives', got {loss_norm!r}")
 
 
@@ -1889,7 +1916,8 @@ def train_step(net, optimizer, images, labels, config, device, use_bf16=False, u
     with torch.no_grad():
         bbox_labels, bbox_masks, cls_labels = multibox_target(anchors.float(), labels.to(device))
     loss = calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks,
-                     config.neg_ratio, config.bbox_weight, config.loss_norm).mean()
+                     config.neg_ratio, config.bbox_weight, config.loss_norm,
+                     config.box_loss, config.cls_loss, config.focal_gamma).mean()
     if torch.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -1923,6 +1951,7 @@ def train_ssd(net, train_data, config, device, val_data=None, checkpoint=None,
                                 weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     images, labels = train_data
+    transform = ssd_augmentation(size=images.shape[-1]) if config.augment else None
     steps_per_epoch = math.ceil(len(images) / config.batch_size)
     total_steps, step = steps_per_epoch * config.epochs, 0
     history = {key: [] for key in ("loss", "cls_err", "fg_err", "bbox_mae", "lr", "time",
@@ -1935,7 +1964,9 @@ def train_ssd(net, train_data, config, device, val_data=None, checkpoint=None,
         sums = dict.fromkeys(("loss", "cls_wrong", "anchors", "fg_wrong", "fg_anchors",
                               "bbox_abs", "bbox_values"), 0)
         for batch, (X, Y) in enumerate(batches(images, labels, config.batch_size, generator)):
-            if config.hflip:
+            if config.augment:
+                X, Y = augment_batch(transform, X, Y, generator)
+            elif config.hflip:
                 X, Y = hflip_batch(X, Y, generator)
             lr = lr_at(step, total_steps, steps_per_epoch, config)
             for group in optimizer.param_groups:
@@ -2268,6 +2299,9 @@ def average_precision(recall, precision, method="coco"):
         exact area under the envelope, a sum of rectangles
         sum_j (recall[j] - recall[j-1]) * p_interp[j], with recall[-1] = 0.
         Only true positives move recall, so only they add area.
+    method="voc07": 11-point interpolation (PASCAL VOC 2007, the metric of
+        the SSD paper's VOC tables): the mean of p_interp at recall 0, 0.1,
+        ..., 1.0, taking 0 where that recall is never reached.
     """
     recall = np.asarray(recall, dtype=np.float64)
     envelope = precision_envelope(precision)
@@ -2281,7 +2315,10 @@ def average_precision(recall, precision, method="coco"):
     if method == "voc":
         recall_steps = np.diff(recall, prepend=0.0)
         return float(np.sum(recall_steps * envelope))
-    raise ValueError(f"unknown method {method!r}; use 'coco' or 'voc'")
+    if method == "voc07":
+        cut = np.searchsorted(recall, np.linspace(0.0, 1.0, 11), side="left")
+        return float(np.mean([envelope[c] if c < len(recall) else 0.0 for c in cut]))
+    raise ValueError(f"unknown method {method!r}; use 'coco', 'voc' or 'voc07'")
 
 
 def class_precision_recall(detections, ground_truths, class_id, iou_threshold,
@@ -2334,7 +2371,7 @@ def mean_average_precision(detections, ground_truths, iou_thresholds=(0.5,),
     iou_thresholds: float or sequence of floats, e.g. np.linspace(.5, .95, 10).
     num_classes: classes 0 .. num_classes-1 are evaluated (default: inferred
         from the largest class id present).
-    method: "coco" (101-point) or "voc" (all-point), see average_precision.
+    method: "coco" (101-point), "voc" (all-point) or "voc07" (11-point), see average_precision.
     max_detections: per image and per class, as pycocotools' maxDets.
     Every box counts whatever its size (pycocotools' area range 'all').
 
@@ -2580,3 +2617,35 @@ def show_augmented(transform, images, labels, num=6, generator=None, class_names
         axes[row, 0].set_ylabel(("original", "augmented")[row])
     fig.tight_layout()
     return fig
+
+
+def evaluate_splits(net, splits):
+    """AP of ``net`` on several validation splits. Introduced in 10_improvements.
+
+    splits: {name: (images (N, 3, H, W) uint8, labels (N, G, 5))}.
+    Returns {name: evaluate_map(...)}, i.e. AP50_voc, AP50 and AP per split.
+    Classes without ground truth in a split (oranges in a banana split) are
+    left out of that split's mean.
+    """
+    return {name: evaluate_map(detect_images(net, images), labels) for name, (images, labels) in splits.items()}
+
+
+def train_variant(config, train_data, splits, num_classes, device, checkpoint=None):
+    """Train one row of notebook 10's table from scratch and evaluate it. Introduced in 10_improvements.
+
+    config: a TrainConfig (its seed seeds the weights too); train_data as in
+    train_ssd. Saves the model to ``checkpoint`` with the split results.
+    Returns a flat dict: minutes of training, then "<split> AP50" (VOC) and
+    "<split> AP" (COCO AP@[.5:.95]) for each split.
+    """
+    set_seed(config.seed)
+    net = TinySSD(default_config(num_classes))
+    history = train_ssd(net, train_data, config, device, progress=False)
+    results = evaluate_splits(net, splits)
+    row = {"minutes": sum(history["time"]) / 60}
+    for name, result in results.items():
+        row[f"{name} AP50"], row[f"{name} AP"] = result["AP50_voc"], result["AP"]
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, net, train_config=dataclasses.asdict(config), results=results,
+                        history={k: v for k, v in history.items() if isinstance(v, list)})
+    return row

@@ -180,8 +180,22 @@ def test_voc_and_coco_on_hand_made_pr_curve():
     #       0.51..0.75 (25) -> 0.5, 0.76..1.00 (25) -> 0 (never reached)
     expected = (26 * 1.0 + 25 * 0.6 + 25 * 0.5) / 101
     assert average_precision(recall, precision, "coco") == pytest.approx(expected)
+    # VOC2007 11-point: r = 0, .1, .2 -> 1.0; .3, .4, .5 -> 0.6; .6, .7 -> 0.5; .8, .9, 1 -> 0
+    assert average_precision(recall, precision, "voc07") == pytest.approx((3 * 1.0 + 3 * 0.6 + 2 * 0.5) / 11)
     with pytest.raises(ValueError):
         average_precision(recall, precision, "11-point")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_voc07_matches_the_devkit_formula(seed):
+    # the VOC2007 devkit: for t in 0, 0.1, ..., 1: p = max(precision[recall >= t]), or 0 if none
+    rng = np.random.default_rng(seed)
+    is_tp = rng.random(40) < 0.6
+    recall = np.cumsum(is_tp) / 30
+    precision = np.cumsum(is_tp) / np.arange(1, 41)
+    devkit = np.mean([precision[recall >= t].max() if (recall >= t).any() else 0.0
+                      for t in np.arange(0.0, 1.1, 0.1)])
+    assert average_precision(recall, precision, "voc07") == pytest.approx(devkit, abs=1e-12)
 
 
 def test_empty_curve_has_zero_ap():

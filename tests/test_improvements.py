@@ -1,0 +1,98 @@
+"""Loss options and training switches of notebook 10 (smooth L1, focal loss, augmentation)."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import ssd_helpers as H
+from test_training import fake_batch, tiny_data  # noqa: F401  (tiny_data is a fixture)
+
+
+def test_focal_loss_with_gamma_zero_is_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(50, 3, generator=g), torch.randint(0, 3, (50,), generator=g)
+    torch.testing.assert_close(H.focal_loss(logits, labels, gamma=0.0),
+                               F.cross_entropy(logits, labels, reduction="none"))
+
+
+def test_focal_loss_with_two_classes_is_torchvisions_sigmoid_focal_loss():
+    # softmax over logits (0, z) is sigmoid(z): the two forms agree (torchvision's alpha=-1: no weighting)
+    g = torch.Generator().manual_seed(1)
+    z, labels = torch.randn(200, generator=g) * 3, torch.randint(0, 2, (200,), generator=g)
+    ours = H.focal_loss(torch.stack([torch.zeros_like(z), z], dim=1), labels, gamma=2.0)
+    theirs = torchvision.ops.sigmoid_focal_loss(z, labels.float(), alpha=-1, gamma=2.0, reduction="none")
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_focal_loss_shrinks_easy_examples_most():
+    logits = torch.tensor([[4.0, 0.0], [0.0, 0.0], [-4.0, 0.0]])  # true class 0: easy, unsure, wrong
+    ratio = H.focal_loss(logits, torch.zeros(3, dtype=torch.long)) / F.cross_entropy(
+        logits, torch.zeros(3, dtype=torch.long), reduction="none")
+    assert ratio[0] < 1e-3 and ratio[1] == pytest.approx(0.25) and ratio[2] > 0.96
+
+
+def test_smooth_l1_is_quadratic_below_one_and_l1_above():
+    cls_preds, bbox_preds, bbox_labels, bbox_masks, cls_labels = fake_batch()
+    args = (cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks)
+    ce_only = H.calc_loss(*args, bbox_weight=0.0, loss_norm="positives")
+    l1 = H.calc_loss(*args, loss_norm="positives") - ce_only
+    smooth = H.calc_loss(*args, loss_norm="positives", box_loss="smooth_l1") - ce_only
+    d = ((bbox_preds - bbox_labels) * bbox_masks).abs().reshape(2, -1)
+    expected = torch.where(d < 1, 0.5 * d**2, d - 0.5).sum(dim=1) / (cls_labels > 0).sum(dim=1)
+    torch.testing.assert_close(smooth, expected)
+    assert (smooth < l1).all()  # smooth L1 <= L1 everywhere, strictly where d > 0
+
+
+def test_focal_option_sums_over_every_anchor_when_mining_is_off():
+    cls_preds, bbox_preds, bbox_labels, bbox_masks, cls_labels = fake_batch()
+    args = (cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks)
+    total = H.calc_loss(*args, bbox_weight=0.0, loss_norm="positives", cls_loss="focal")
+    per_anchor = H.focal_loss(cls_preds.reshape(-1, 2), cls_labels.reshape(-1)).reshape(2, -1)
+    torch.testing.assert_close(total, per_anchor.sum(dim=1) / (cls_labels > 0).sum(dim=1))
+
+
+def test_bbox_weight_scales_only_the_box_term():
+    cls_preds, bbox_preds, bbox_labels, bbox_masks, cls_labels = fake_batch()
+    args = (cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks)
+    losses = [H.calc_loss(*args, neg_ratio=3.0, bbox_weight=w, loss_norm="positives") for w in (0.0, 1.0, 3.0)]
+    torch.testing.assert_close(losses[2] - losses[0], 3 * (losses[1] - losses[0]))
+
+
+@pytest.mark.parametrize("option", [dict(box_loss="l2"), dict(cls_loss="hinge"), dict(loss_norm="batch")])
+def test_unknown_loss_options_are_refused(option):
+    cls_preds, bbox_preds, bbox_labels, bbox_masks, cls_labels = fake_batch()
+    with pytest.raises(ValueError, match=next(iter(option))):
+        H.calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks, **option)
+
+
+@pytest.mark.parametrize("variant", [dict(augment=True), dict(cls_loss="focal", neg_ratio=0.0, box_loss="smooth_l1")])
+def test_training_switches_run_and_repeat_with_the_seed(tiny_data, variant):  # noqa: F811
+    train, _ = tiny_data
+    histories = []
+    for _ in range(2):
+        H.set_seed(0)
+        net = H.TinySSD(H.default_config())
+        config = H.TrainConfig(epochs=1, batch_size=8, bf16="off", **variant)
+        histories.append(H.train_ssd(net, train, config, torch.device("cpu"), progress=False)["loss"])
+    assert np.isfinite(histories[0]).all() and histories[0] == histories[1]
+
+
+def test_augmentation_changes_what_the_model_sees(tiny_data, monkeypatch):  # noqa: F811
+    train, _ = tiny_data
+    seen = []
+    real_step = H.train_step
+
+    def spy(net, optimizer, images, labels, *args):
+        seen.append(labels.clone())
+        return real_step(net, optimizer, images, labels, *args)
+    monkeypatch.setattr(H, "train_step", spy)
+    for augment in (False, True):
+        H.set_seed(0)
+        H.train_ssd(H.TinySSD(H.default_config()), train,
+                    H.TrainConfig(epochs=1, batch_size=16, bf16="off", hflip=False, augment=augment),
+                    torch.device("cpu"), progress=False)
+    plain, augmented = seen
+    widths = lambda labels: (labels[..., 3] - labels[..., 1])[labels[..., 0] >= 0]  # noqa: E731
+    assert not torch.equal(plain, augmented)
+    assert widths(augmented).min() < widths(plain).min()  # zoom-out made some banana smaller
