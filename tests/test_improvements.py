@@ -96,3 +96,14 @@ def test_augmentation_changes_what_the_model_sees(tiny_data, monkeypatch):  # no
     widths = lambda labels: (labels[..., 3] - labels[..., 1])[labels[..., 0] >= 0]  # noqa: E731
     assert not torch.equal(plain, augmented)
     assert widths(augmented).min() < widths(plain).min()  # zoom-out made some banana smaller
+
+
+def test_background_prior_starts_every_anchor_at_one_percent_foreground():
+    H.set_seed(0)
+    net = H.init_background_prior(H.TinySSD(H.default_config(num_classes=2)), prior=0.01)
+    for head in net.cls_heads:
+        head.weight.data.zero_()  # isolate the bias
+    with torch.no_grad():
+        _, cls_preds, _ = net(torch.rand(1, 3, 256, 256) * 255)
+    background = torch.softmax(cls_preds, dim=-1)[..., 0]
+    torch.testing.assert_close(background, torch.full_like(background, 0.99))
