@@ -107,3 +107,28 @@ def test_background_prior_starts_every_anchor_at_one_percent_foreground():
         _, cls_preds, _ = net(torch.rand(1, 3, 256, 256) * 255)
     background = torch.softmax(cls_preds, dim=-1)[..., 0]
     torch.testing.assert_close(background, torch.full_like(background, 0.99))
+
+
+def test_train_variant_saves_the_model_it_evaluated(tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    train, val = tiny_data
+    evaluated = {}
+    real_evaluate = H.evaluate_splits
+
+    def spy(net, splits):
+        net.eval()
+        with torch.no_grad():
+            evaluated["outputs"] = net(val[0].float())
+        return real_evaluate(net, splits)
+    monkeypatch.setattr(H, "evaluate_splits", spy)
+    config = H.TrainConfig(epochs=1, batch_size=8, bf16="off", bbox_weight=2.0)
+    model_config = H.SSDConfig(num_classes=1, sizes=((0.1, 0.141),) + H.SSDConfig().sizes[:4])
+    row = H.train_variant(config, train, {"val": val}, model_config, torch.device("cpu"), tmp_path / "v.pt")
+    net, loaded_config = H.load_model(tmp_path / "v.pt")
+    assert loaded_config == model_config
+    with torch.no_grad():
+        again = net(val[0].float())
+    for a, b in zip(evaluated["outputs"], again):  # anchors, class scores, offsets
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    saved = torch.load(tmp_path / "v.pt", weights_only=True)
+    assert saved["results"]["val"]["AP"] == row["val AP"] and saved["train_config"]["bbox_weight"] == 2.0
+    assert len(saved["history"]["loss"]) == 1
