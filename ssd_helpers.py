@@ -1729,7 +1729,8 @@ class TrainConfig:
     bbox_weight: float = 1.0      # weight of the box loss against the class loss
     loss_norm: str = "positives"  # "positives": sums / #positives (SSD paper); "anchors": means (the book)
     box_loss: str = "l1"          # "l1" (the book) or "smooth_l1" (SSD paper); 10_improvements
-    cls_loss: str = "ce"          # "ce" (cross-entropy) or "focal" (softmax focal loss); 10_improvements
+    cls_loss: str = "ce"          # "ce" (cross-entropy) or "focal" (softmax focal loss, usually with neg_ratio=0
+                                  # and a net started by init_background_prior); 10_improvements
     focal_gamma: float = 2.0      # focal loss exponent; 0 gives cross-entropy
     hflip: bool = True            # flip a random half of each batch left-right
     augment: bool = False         # SSD's augmentation (ssd_augmentation, includes the flip); 10_improvements
@@ -1797,7 +1798,8 @@ def focal_loss(logits, labels, gamma=2.0):
     loss of anchors that are already right (p_t near 1), mostly easy background.
     """
     log_pt = F.log_softmax(logits.float(), dim=-1).gather(-1, labels[:, None]).squeeze(-1)
-    return -(1 - log_pt.exp()).pow(gamma) * log_pt
+    # clamp: for gamma < 1 the gradient of x^gamma is infinite at x = 0 (p_t rounded to 1)
+    return -(-torch.expm1(log_pt)).clamp(min=1e-12).pow(gamma) * log_pt
 
 
 @torch.no_grad()
@@ -2332,7 +2334,7 @@ def average_precision(recall, precision, method="coco"):
         recall_steps = np.diff(recall, prepend=0.0)
         return float(np.sum(recall_steps * envelope))
     if method == "voc07":
-        cut = np.searchsorted(recall, np.linspace(0.0, 1.0, 11), side="left")
+        cut = np.searchsorted(recall, np.arange(11) / 10, side="left")  # exact 0.3, 0.6, 0.7
         return float(np.mean([envelope[c] if c < len(recall) else 0.0 for c in cut]))
     raise ValueError(f"unknown method {method!r}; use 'coco', 'voc' or 'voc07'")
 

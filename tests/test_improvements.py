@@ -25,6 +25,13 @@ def test_focal_loss_with_two_classes_is_torchvisions_sigmoid_focal_loss():
     torch.testing.assert_close(ours, theirs)
 
 
+def test_focal_loss_gradient_stays_finite_when_certain():
+    logits = torch.tensor([[30.0, 0.0], [0.0, 30.0]], requires_grad=True)  # p_t rounds to exactly 1
+    for gamma in (0.5, 2.0):
+        (grad,) = torch.autograd.grad(H.focal_loss(logits, torch.tensor([0, 1]), gamma).sum(), logits)
+        assert torch.isfinite(grad).all()
+
+
 def test_focal_loss_shrinks_easy_examples_most():
     logits = torch.tensor([[4.0, 0.0], [0.0, 0.0], [-4.0, 0.0]])  # true class 0: easy, unsure, wrong
     ratio = H.focal_loss(logits, torch.zeros(3, dtype=torch.long)) / F.cross_entropy(

@@ -186,6 +186,12 @@ def test_voc_and_coco_on_hand_made_pr_curve():
         average_precision(recall, precision, "11-point")
 
 
+def test_voc07_counts_a_recall_of_exactly_three_tenths():
+    # 10 ground truths: recall reaches 0.3 exactly at the 4th detection (precision 3/4), then stops
+    recall, precision = np.array([0.1, 0.2, 0.2, 0.3]), np.array([1.0, 1.0, 2 / 3, 0.75])
+    assert average_precision(recall, precision, "voc07") == pytest.approx((3 * 1.0 + 0.75) / 11)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_voc07_matches_the_devkit_formula(seed):
     # the VOC2007 devkit: for t in 0, 0.1, ..., 1: p = max(precision[recall >= t]), or 0 if none
@@ -194,7 +200,7 @@ def test_voc07_matches_the_devkit_formula(seed):
     recall = np.cumsum(is_tp) / 30
     precision = np.cumsum(is_tp) / np.arange(1, 41)
     devkit = np.mean([precision[recall >= t].max() if (recall >= t).any() else 0.0
-                      for t in np.arange(0.0, 1.1, 0.1)])
+                      for t in np.arange(11) / 10])
     assert average_precision(recall, precision, "voc07") == pytest.approx(devkit, abs=1e-12)
 
 
