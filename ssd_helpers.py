@@ -1951,6 +1951,11 @@ def _epoch_summary(sums, num_examples, elapsed, lr):
                 time=elapsed, examples_per_s=num_examples / elapsed)
 
 
+def per_epoch(history):
+    """The per-epoch lists of a ``train_ssd`` history (what a checkpoint keeps)."""
+    return {key: value for key, value in history.items() if isinstance(value, list)}
+
+
 def train_ssd(net, train_data, config, device, val_data=None, checkpoint=None,
               on_epoch_end=None, progress=True):
     """Train a TinySSD; returns the history. Introduced in 07_training.
@@ -2010,8 +2015,7 @@ def train_ssd(net, train_data, config, device, val_data=None, checkpoint=None,
             on_epoch_end(epoch, history)
     bar.close()
     if checkpoint is not None:
-        save_checkpoint(checkpoint, net, train_config=dataclasses.asdict(config), history=
-                        {k: v for k, v in history.items() if isinstance(v, list)})
+        save_checkpoint(checkpoint, net, train_config=dataclasses.asdict(config), history=per_epoch(history))
     return history
 
 
@@ -2670,5 +2674,5 @@ def train_variant(config, train_data, splits, model_config, device, checkpoint=N
         row[f"{name} AP50"], row[f"{name} AP"] = result["AP50_voc"], result["AP"]
     if checkpoint is not None:
         save_checkpoint(checkpoint, net, train_config=dataclasses.asdict(config), results=results,
-                        history={k: v for k, v in history.items() if isinstance(v, list)})
+                        history=per_epoch(history))
     return row
