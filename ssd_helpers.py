@@ -32,10 +32,12 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import io
 import math
 import os
 import pathlib
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -47,7 +49,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 import tqdm.auto
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
 from torch import nn
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -72,15 +74,17 @@ __all__ = [
     # 6. Data
     "banana_sprite", "orange_sprite", "load_backgrounds", "random_background", "render_scene",
     "generate_banana_detection", "generate_small_bananas", "generate_fruit_detection",
-    "make_test_scene", "draw_boxes", "DatasetError", "read_detection_folder",
+    "make_test_scene", "draw_boxes", "DatasetError", "image_to_uint8", "open_image", "check_images",
+    "check_labels", "read_detection_folder",
     "DetectionDataset", "load_data_bananas",
     # 7. Training
     "TrainConfig", "IMAGENET_MEAN", "IMAGENET_STD", "default_config", "default_checkpoint",
     "hflip_batch", "hard_negative_mask", "focal_loss", "init_background_prior", "calc_loss", "batch_metrics",
-    "cpu_has_native_bf16", "pick_precision", "save_checkpoint", "train_step", "train_ssd", "detect_images",
+    "cpu_has_native_bf16", "pick_precision", "CheckpointError", "save_checkpoint", "train_step", "train_ssd",
+    "detect_images",
     "plot_history", "live_plot", "train_default_model",
     # 8. Prediction
-    "load_model", "to_image_tensor", "detect", "show_detections",
+    "load_model", "to_image_tensor", "letterbox", "detect", "show_detections",
     # 9. Evaluation
     "match_detections", "precision_recall", "precision_envelope", "average_precision",
     "class_precision_recall", "mean_average_precision", "evaluate_map", "plot_pr_curve",
@@ -1392,15 +1396,69 @@ def is_complete(root, params):
     return marker.is_file() and marker.read_text() == marker_text(params)
 
 
+def is_generated_layout(folder):
+    """True if ``folder`` holds nothing but what a generate_* function writes.
+
+    That is: the marker file, and ``<prefix>_train``/``<prefix>_val`` folders
+    holding ``label.csv`` and ``images/N.png``. A symbolic link, or any other
+    file (a user's notes, d2l's own download), makes it False.
+    """
+    folder = pathlib.Path(folder)
+    for path in folder.rglob("*"):
+        parts = path.relative_to(folder).parts
+        if path.is_symlink():
+            return False
+        if parts == (MARKER_FILE,):
+            continue
+        split, rest = parts[0], parts[1:]
+        if not re.fullmatch(r"[a-z-]+_(train|val)", split):
+            return False
+        if not rest or rest == ("images",):
+            if not path.is_dir():
+                return False
+        elif not (rest == ("label.csv",)
+                  or (len(rest) == 2 and rest[0] == "images" and re.fullmatch(r"\d+\.png", rest[1]))):
+            return False
+    return True
+
+
+def check_replaceable(root):
+    """Raise FileExistsError unless the series may replace ``root``.
+
+    It may when root does not exist, is an empty folder, or is a dataset it
+    generated itself (marker file present, nothing else added). Anything else
+    belongs to the user and is never deleted.
+    """
+    root = pathlib.Path(root)
+    if not root.exists() and not root.is_symlink():
+        return
+    if pathlib.Path.cwd().resolve().is_relative_to(root.resolve()):
+        raise FileExistsError(f"{root} is the current folder (or holds it): pass a new subfolder as root, "
+                              "such as 'data/bananas'. Nothing was changed.")
+    if root.is_dir() and not root.is_symlink():
+        if not any(root.iterdir()) or ((root / MARKER_FILE).is_file() and is_generated_layout(root)):
+            return
+        names = sorted(path.name for path in root.iterdir())
+        listing = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise FileExistsError(
+            f"{root} already exists and is not a dataset this series generated (it holds {listing}). "
+            "Nothing was changed. Pass a new or empty folder as root. To read a dataset you already "
+            "have, use read_detection_folder(folder) or load_data_bananas(batch_size, root=folder).")
+    raise FileExistsError(f"{root} exists and is not a folder; nothing was changed. Pass a new folder as root.")
+
+
 def remove_stale_temporaries(root, fresh, max_age_s=3600):
-    """Delete "<root>.tmp-*" siblings left by runs killed > max_age_s ago.
+    """Delete "<root>.tmp-XXXXXXXX" siblings left by runs killed > max_age_s ago.
 
     fresh: the folder we just created; its mtime serves as "now". Younger
-    folders are left alone: they may belong to a run still in progress.
+    folders are left alone: they may belong to a run still in progress. A
+    folder is deleted only if it holds nothing but generated files.
     """
     now = os.path.getmtime(fresh)
+    pattern = re.escape(root.name) + r"\.tmp-[a-z0-9_]{8}"
     for path in root.parent.glob(root.name + ".tmp-*"):
-        if path.is_dir() and os.path.getmtime(path) < now - max_age_s:
+        if (re.fullmatch(pattern, path.name) and path.is_dir() and not path.is_symlink()
+                and os.path.getmtime(path) < now - max_age_s and is_generated_layout(path)):
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -1428,13 +1486,15 @@ def build_atomically(root, params, write):
 
     If root already holds a marker matching params, return at once.
     Otherwise write(tmp) fills a fresh temporary sibling folder, the marker
-    is added last, and the folder is renamed to root (replacing any
-    incomplete or differently-made root). A crash never leaves a
-    half-written root behind. Returns root as a pathlib.Path.
+    is added last, and the folder is renamed to root. Only an empty folder or
+    a dataset the series generated itself is ever replaced (check_replaceable):
+    a user's folder raises FileExistsError before anything is written. A crash
+    never leaves a half-written root behind. Returns root as a pathlib.Path.
     """
-    root = pathlib.Path(root)
+    root = pathlib.Path(os.path.abspath(root))
     if is_complete(root, params):
         return root
+    check_replaceable(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
     remove_stale_temporaries(root, tmp)
@@ -1442,7 +1502,8 @@ def build_atomically(root, params, write):
         write(tmp)
         (tmp / MARKER_FILE).write_text(marker_text(params))
         if not is_complete(root, params):  # another process may have won
-            if root.exists():
+            check_replaceable(root)  # again, right before deleting anything
+            if root.is_dir():
                 shutil.rmtree(root)
             os.replace(tmp, root)
     finally:
@@ -1523,7 +1584,7 @@ def boxes_overlap(boxes):
     return False
 
 
-def make_test_scene(path_jpg="img/banana.jpg", path_csv="img/banana.csv", seed=0):
+def make_test_scene(path_jpg="img/banana.jpg", path_csv="img/banana.csv", seed=0, overwrite=False):
     """Write a 256x256 JPEG (quality 95) with 3-4 separate bananas + labels.
 
     Banana box sides are spread over ~30..80 px, at random angles, on a
@@ -1531,6 +1592,7 @@ def make_test_scene(path_jpg="img/banana.jpg", path_csv="img/banana.csv", seed=0
     and all bananas lie fully inside the frame.
     path_csv gets the usual header and one row per banana, img_name being
     the JPEG's file name. Deterministic in seed. Returns boxes int64 (n, 5).
+    An existing file with other contents is replaced only with overwrite=True.
     """
     rng = image_rng(seed, "test-scene", 0)
     photos = load_backgrounds(TEST_SCENE_FILES)
@@ -1545,10 +1607,18 @@ def make_test_scene(path_jpg="img/banana.jpg", path_csv="img/banana.csv", seed=0
                 and boxes[:, 3:5].max() < size and not boxes_overlap(boxes)):
             break
     path_jpg, path_csv = pathlib.Path(path_jpg), pathlib.Path(path_csv)
-    for path in (path_jpg, path_csv):
+    jpg = io.BytesIO()
+    Image.fromarray(image).save(jpg, format="JPEG", quality=95)
+    table = io.StringIO()
+    csv.writer(table, lineterminator="\n").writerows([CSV_HEADER, *csv_rows(path_jpg.name, boxes)])
+    contents = {path_jpg: jpg.getvalue(), path_csv: table.getvalue().encode()}
+    for path, data in contents.items():
+        if path.exists() and path.read_bytes() != data and not overwrite:
+            raise FileExistsError(f"{path} exists and differs from the test scene; nothing was written. "
+                                  "Pass another path, or overwrite=True to replace it.")
+    for path, data in contents.items():
         path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path_jpg, format="JPEG", quality=95)
-    write_csv(path_csv, csv_rows(path_jpg.name, boxes))
+        path.write_bytes(data)
     return boxes
 
 
@@ -1562,10 +1632,242 @@ def draw_boxes(image, boxes, colours=((255, 255, 255), (0, 190, 255))):
     return np.asarray(pil)
 
 
-# 6g. Reading d2l's on-disk format back, with clear errors
+# 6g. Checking what a user gives us: one set of rules for the reader, the
+# training loop and detect. Each message says what was found, where, and what
+# to do about it.
 
 class DatasetError(ValueError):
-    """A problem with a dataset file; the message names the file and the row."""
+    """Bad input data: a file, a CSV row, an image or a label. Introduced in 06_data.
+
+    The message names where (file and row, or image index) and what to do.
+    """
+
+
+EXIF_ORIENTATION = 0x0112  # the EXIF tag that tells a viewer to rotate or mirror a photo
+MAX_CLASS_ID = 2**24       # larger ids cannot be stored exactly in the float32 labels
+
+
+def _pil_pixels(image, where):
+    """A PIL image's pixels as a numpy array (H, W) or (H, W, C); the dtype tells the range.
+
+    16-bit modes stay uint16, float mode "F" stays float32, modes with
+    transparency become RGBA, everything else (CMYK, palette, grey, ...) RGB.
+    """
+    if image.mode.startswith("I;16"):
+        return np.asarray(image).astype(np.uint16)
+    if image.mode == "I":  # 32-bit integers; 16-bit grey PNGs open in this mode
+        pixels = np.asarray(image)
+        if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+            raise DatasetError(f"{where}: 32-bit integer image with values {pixels.min()}..{pixels.max()}; "
+                               "expected 16-bit values 0..65535. Save it as an 8-bit RGB image.")
+        return pixels.astype(np.uint16)
+    if image.mode == "F":
+        return np.asarray(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        return np.asarray(image.convert("RGBA"))
+    return np.asarray(image.convert("RGB"))
+
+
+def _channels_last(array, layout, where):
+    """An (H, W, C) view of an image array, C in 1..4; layout "HWC" (numpy) or "CHW" (torch)."""
+    shape = tuple(array.shape)
+    if array.ndim == 4 and shape[0] == 1:  # a batch of one
+        array = array[0]
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim == 3:
+        first, last = array.shape[0] in (1, 2, 3, 4), array.shape[-1] in (1, 2, 3, 4)
+        if first and last:
+            raise DatasetError(f"{where}: cannot tell the channels of an image of shape {shape}: both its first "
+                               "and last sides could be channels. Pass an image at least 5 pixels on each side")
+        if layout == "HWC" and last:
+            return array
+        if layout == "CHW" and first:
+            return array.transpose(1, 2, 0)
+        if layout == "HWC" and first:
+            raise DatasetError(f"{where}: a numpy array of shape {shape} looks channels-first (C, H, W), but "
+                               "numpy images are (H, W, C) as PIL and matplotlib use: pass "
+                               "array.transpose(1, 2, 0), or a torch tensor (C, H, W)")
+        if layout == "CHW" and last:
+            raise DatasetError(f"{where}: a tensor of shape {shape} looks channels-last (H, W, C), but torch "
+                               "images are (C, H, W): pass image.permute(2, 0, 1)")
+    raise DatasetError(f"{where}: expected an image (H, W), or (H, W, C) as a numpy array, or (C, H, W) as a "
+                       f"tensor, with C = 1, 2, 3 or 4 channels; got shape {shape}")
+
+
+def _pixel_values(array, where):
+    """Pixel values as float32 in 0..255, by the series' conventions; refuses what is ambiguous.
+
+    uint8: 0..255. uint16: 0..65535 (a 16-bit image). Other integers: 0..255.
+    Floats: 0..255, as the model takes them (floats all within 0..1 are refused).
+    """
+    dtype = array.dtype
+    if dtype == np.uint16:
+        return array.astype(np.float32) * (255 / 65535)
+    if dtype.kind not in ("u", "i", "f"):
+        raise DatasetError(f"{where}: pixel values of type {dtype} are not an image; expected uint8, uint16, "
+                           "another integer type in 0..255, or floats in 0..255")
+    values = array.astype(np.float32)
+    if values.size == 0:
+        raise DatasetError(f"{where}: the image is empty (shape {tuple(array.shape)})")
+    if not np.isfinite(values).all():
+        raise DatasetError(f"{where}: {int((~np.isfinite(values)).sum())} pixel values are NaN or infinite; "
+                           "fix the image or leave it out")
+    low, high = float(values.min()), float(values.max())
+    if low < -1e-3 or high > 255 + 1e-3:
+        raise DatasetError(f"{where}: {dtype} pixel values run {low:g}..{high:g}, outside 0..255. Scale them "
+                           "to 0..255 (uint16 images are read as 0..65535)")
+    if dtype.kind == "f" and high <= 1:
+        raise DatasetError(f"{where}: every pixel value is within 0..1 (max {high:.3g}). This series reads "
+                           "float images as 0..255, as the model takes them, so this one would be black. "
+                           "For a 0..1 image (matplotlib's imread, torchvision's to_dtype) pass image * 255")
+    return values
+
+
+def image_to_uint8(image, where="image"):
+    """A PIL image, numpy array or tensor -> uint8 (3, H, W) RGB. Introduced in 08_prediction.
+
+    Conventions (anything else raises DatasetError saying what was expected):
+    - numpy arrays are (H, W) or (H, W, C), channels last as PIL and matplotlib
+      use; tensors are (H, W), (C, H, W) or (1, C, H, W), channels first as
+      torch uses. C is 1 (grey), 2 (grey, alpha), 3 (RGB) or 4 (RGBA).
+    - values: uint8 0..255, uint16 0..65535, other integers 0..255, floats
+      0..255 like the model's input. Floats all within 0..1 are ambiguous
+      (a 0..1 image, or a black one) and refused; so are NaN and inf.
+    - PIL images are turned upright by their EXIF orientation, as a photo
+      viewer shows them. Transparent pixels become white.
+    """
+    if isinstance(image, Image.Image):
+        pixels, layout = _pil_pixels(ImageOps.exif_transpose(image), where), "HWC"
+    elif isinstance(image, np.ndarray):
+        pixels, layout = image, "HWC"
+    elif isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        pixels = (image.float() if image.dtype in (torch.bfloat16, torch.float16) else image).numpy()
+        layout = "CHW"
+    else:
+        raise DatasetError(f"{where}: expected a file path, a PIL image, a numpy array or a tensor, "
+                           f"got {type(image).__name__}")
+    pixels = _channels_last(pixels, layout, where)  # (H, W, C)
+    if pixels.dtype == np.uint8 and pixels.shape[-1] == 3:
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+    values = _pixel_values(pixels, where)
+    if values.shape[-1] in (2, 4):  # composite over white
+        alpha = values[..., -1:] / 255
+        values = values[..., :-1] * alpha + 255 * (1 - alpha)
+    values = np.broadcast_to(values, (*values.shape[:2], 3))
+    return torch.from_numpy(np.ascontiguousarray(values.round().clip(0, 255).astype(np.uint8).transpose(2, 0, 1)))
+
+
+def open_image(path, where="image", exif="apply"):
+    """An image file -> uint8 (3, H, W) RGB, read by ``image_to_uint8``'s rules. Introduced in 06_data.
+
+    exif="apply" turns a photo upright by its EXIF orientation (for detect);
+    exif="refuse" raises DatasetError for a photo that has one (for the dataset
+    reader: its boxes may have been drawn on either the stored or the turned pixels).
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{where}: image file {path} is missing")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+            if exif == "refuse" and orientation not in (None, 1):
+                raise DatasetError(
+                    f"{where}: image {path} carries EXIF orientation {orientation}, so viewers show it turned "
+                    "or mirrored, and its boxes may have been drawn on either version. Save it with the turn "
+                    "applied (PIL.ImageOps.exif_transpose) and check its boxes on the saved image.")
+            return image_to_uint8(image, f"{where}: image {path}")
+    except DatasetError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise DatasetError(f"{where}: cannot decode image {path}: {error}") from None
+
+
+def _first_bad(mask, what, values, where, ids, advice):
+    """Raise DatasetError for the first True of mask (N,) or (N, G), naming image (and row)."""
+    if not mask.any():
+        return
+    index = mask.nonzero()[0].tolist()
+    image = ids[index[0]] if ids is not None else index[0]
+    place = f"image {image}" + (f", row {index[1]}" if len(index) > 1 else "")
+    shown = values[tuple(index)].tolist()
+    others = int(mask.sum()) - 1
+    more = f" ({others} more like it)" if others else ""
+    raise DatasetError(f"{where} {place}: {what}: {shown}{more}. {advice}")
+
+
+def check_images(images, where="images", ids=None):
+    """Raise DatasetError unless images (N, 3, H, W) are uint8, or floats in 0..255 without NaN.
+
+    Introduced in 06_data; train_step and train_ssd call it. ``ids`` names the
+    N images in messages (default 0..N-1, their index in ``images``).
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise DatasetError(f"{where}: expected images (N, 3, H, W), got shape {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        return
+    if not images.is_floating_point():
+        raise DatasetError(f"{where}: expected uint8 images (as read_detection_folder returns) or floats in "
+                           f"0..255, got {images.dtype}")
+    flat = images.detach().flatten(1)
+    finite = torch.isfinite(flat).all(dim=1)
+    _first_bad(~finite, "pixel values are NaN or infinite", (~torch.isfinite(flat)).sum(1), where, ids,
+               "The value shown is the number of such pixels: fix the image or leave it out.")
+    low, high = flat.amin(dim=1), flat.amax(dim=1)
+    _first_bad((low < -1e-3) | (high > 255 + 1e-3), "pixel values outside 0..255 (the maximum shown)",
+               high, where, ids, "Images are uint8, or floats in 0..255.")
+    if high.max() <= 1:
+        raise DatasetError(f"{where}: every pixel value is within 0..1. Images here are uint8, or floats in "
+                           "0..255 as the model takes them; for 0..1 images pass (images * 255).round()"
+                           ".to(torch.uint8)")
+
+
+def check_labels(labels, num_classes=None, where="labels", ids=None):
+    """Raise DatasetError unless labels (N, G, 5) are valid, normalised SSD labels. Introduced in 06_data.
+
+    Each row is (class, xmin, ymin, xmax, ymax): class an integer in
+    0..num_classes-1 (-1: a padding row, ignored), coordinates finite and
+    normalised to 0..1, with xmax > xmin and ymax > ymin. ``ids`` as in check_images.
+    """
+    if labels.ndim != 3 or labels.shape[-1] != 5:
+        raise DatasetError(f"{where}: expected labels (N, G, 5) of rows (class, xmin, ymin, xmax, ymax), "
+                           f"got shape {tuple(labels.shape)}")
+    labels = labels.detach().cpu().float()
+    classes, boxes = labels[..., 0], labels[..., 1:]
+    real = classes != -1
+    _first_bad(~torch.isfinite(labels).all(dim=-1), "label is not finite", labels, where, ids,
+               "Fix or remove that row.")
+    _first_bad(real & ((classes < 0) | (classes != classes.round())), "class id must be an integer >= 0 "
+               "(-1 marks padding)", labels, where, ids, "Fix the class id.")
+    if num_classes is not None:
+        _first_bad(real & (classes >= num_classes), f"class id is too large for a model with "
+                   f"num_classes={num_classes} (ids 0..{num_classes - 1})", labels, where, ids,
+                   "Build the model with enough classes (TinySSD(num_classes=...)) or fix the label.")
+    outside = real & ((boxes < -1e-3) | (boxes > 1 + 1e-3)).any(dim=-1)
+    pixels = bool(real.any()) and boxes[real].max() > 1 + 1e-3
+    advice = ("These look like pixels: divide x by the image width and y by its height "
+              "(read_detection_folder does)." if pixels else "Clip the box to the image.")
+    _first_bad(outside, "coordinates must be normalised to 0..1", labels, where, ids, advice)
+    _first_bad(real & ((boxes[..., 2] <= boxes[..., 0]) | (boxes[..., 3] <= boxes[..., 1])),
+               "box is empty or inverted (need xmax > xmin and ymax > ymin)", labels, where, ids,
+               "Fix the corners or remove the row.")
+
+
+# 6h. Reading d2l's on-disk format back, with clear errors
+
+def _csv_text(csv_path):
+    """The text of a CSV file: UTF-8, with or without the BOM Excel writes; else DatasetError."""
+    raw = csv_path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DatasetError(f"{csv_path} is UTF-16 text (Excel's 'Unicode Text'): save it as 'CSV UTF-8'")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        row = raw[:error.start].count(b"\n") + 1
+        raise DatasetError(f"{csv_path} row {row}: byte {raw[error.start]:#04x} is not UTF-8 (the file may be "
+                           "Latin-1 or Windows-1252). Save it as UTF-8 (in Excel: 'CSV UTF-8')") from None
 
 
 def _read_label_csv(csv_path):
@@ -1574,55 +1876,57 @@ def _read_label_csv(csv_path):
     Row numbers count the header as row 1, as a spreadsheet does. A row with
     the five fields after img_name all empty is an image without objects.
     """
-    with open(csv_path, newline="") as f:
-        reader = csv.reader(f)
+    reader = csv.reader(io.StringIO(_csv_text(csv_path), newline=""))
+    try:
         header = next(reader, None)
         if header is None or [h.strip() for h in header] != list(CSV_HEADER):
-            raise DatasetError(f"{csv_path}: header must be {','.join(CSV_HEADER)}, got {header}")
+            hint = next((f" (the file seems to separate fields with {sep!r}: use ',')"
+                         for sep in (";", "\t") if header and len(header) == 1 and sep in header[0]), "")
+            raise DatasetError(f"{csv_path}: header must be {','.join(CSV_HEADER)}, got {header}{hint}")
         rows = []
         for row_number, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) != len(CSV_HEADER):
-                raise DatasetError(f"{csv_path} row {row_number}: expected {len(CSV_HEADER)} "
-                                   f"columns, got {len(row)}: {row}")
-            name, fields = row[0].strip(), [field.strip() for field in row[1:]]
-            if all(field == "" for field in fields):
-                rows.append((row_number, name, None, None))
-                continue
-            try:
-                values = [float(field) for field in fields]
-            except ValueError:
-                raise DatasetError(f"{csv_path} row {row_number}: label and box must be numbers, "
-                                   f"got {fields}") from None
-            rows.append((row_number, name, values[0], values[1:]))
+            if row:
+                rows.append((row_number, *_parse_label_row(csv_path, row_number, row)))
+    except csv.Error as error:
+        raise DatasetError(f"{csv_path} row {reader.line_num}: {error}") from None
     return rows
 
 
-def _check_label(csv_path, row_number, label, box, width, height):
-    """Raise DatasetError unless the label is a class id >= 0 and the box lies in the image."""
+def _parse_label_row(csv_path, row_number, row):
+    """(img_name, label or None, box or None) of one CSV row; DatasetError names the row."""
+    if len(row) != len(CSV_HEADER):
+        raise DatasetError(f"{csv_path} row {row_number}: expected {len(CSV_HEADER)} "
+                           f"columns, got {len(row)}: {row}")
+    name, fields = row[0].strip(), [field.strip() for field in row[1:]]
+    if all(field == "" for field in fields):
+        return name, None, None
+    try:
+        values = [float(field) for field in fields]
+    except ValueError:
+        raise DatasetError(f"{csv_path} row {row_number}: label and box must be numbers, "
+                           f"got {fields}") from None
+    return name, values[0], values[1:]
+
+
+def _check_label(csv_path, row_number, label, box, width, height, num_classes=None):
+    """Raise DatasetError unless the class id is known and the box is a real box, in pixels, in the image."""
     where = f"{csv_path} row {row_number}"
     if not all(math.isfinite(v) for v in [label, *box]):
         raise DatasetError(f"{where}: label and box must be finite, got {[label, *box]}")
-    if label < 0 or label != int(label):
-        raise DatasetError(f"{where}: class id must be an integer >= 0, got {label}")
+    if label < 0 or label != int(label) or label >= MAX_CLASS_ID:
+        raise DatasetError(f"{where}: class id must be an integer >= 0 (and below {MAX_CLASS_ID}), got {label:g}")
+    if num_classes is not None and label >= num_classes:
+        raise DatasetError(f"{where}: class id {int(label)} is out of range for {num_classes} classes "
+                           f"(ids 0..{num_classes - 1}): fix the label, or use a model with more classes")
     xmin, ymin, xmax, ymax = box
     if xmax <= xmin or ymax <= ymin:
         raise DatasetError(f"{where}: degenerate box (need xmax > xmin and ymax > ymin): {box}")
+    if xmax - xmin < 1 or ymax - ymin < 1:
+        units = (f"its coordinates look normalised (0..1), but label.csv holds pixels: multiply x by the image "
+                 f"width ({width}) and y by its height ({height})" if max(box) <= 1 else "fix or remove it")
+        raise DatasetError(f"{where}: box {box} is less than one pixel wide or high; {units}")
     if xmin < 0 or ymin < 0 or xmax > width or ymax > height:
         raise DatasetError(f"{where}: box {box} lies outside the {width}x{height} image")
-
-
-def _read_image(path, where):
-    """An image file as a uint8 tensor (3, H, W), RGB; DatasetError if missing or broken."""
-    if not path.is_file():
-        raise DatasetError(f"{where}: image file {path} is missing")
-    try:
-        with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB"))
-    except (OSError, ValueError) as error:
-        raise DatasetError(f"{where}: cannot decode image {path}: {error}") from None
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
 
 def read_detection_folder(folder, num_classes=None):
@@ -1631,7 +1935,8 @@ def read_detection_folder(folder, num_classes=None):
     Introduced in 06_data. Returns ``(images, labels)``: images uint8
     (N, 3, H, W); labels float32 (N, max_objects, 5) rows (class, xmin, ymin,
     xmax, ymax) with coordinates divided by the image width and height (0..1),
-    padded with rows of -1. Bad input raises DatasetError naming file and row.
+    padded with rows of -1. ``num_classes``: refuse class ids the model does
+    not have. Bad input raises DatasetError naming file and row.
     """
     folder = pathlib.Path(folder)
     csv_path = folder / "label.csv"
@@ -1646,16 +1951,13 @@ def read_detection_folder(folder, num_classes=None):
             objects[name].append((row_number, label, box))
     images, labels = [], []
     for name, rows in objects.items():
-        image = _read_image(folder / "images" / name, f"{csv_path} row {first_row[name]}")
+        image = open_image(folder / "images" / name, f"{csv_path} row {first_row[name]}", exif="refuse")
         if images and image.shape != images[0].shape:
             raise DatasetError(f"{csv_path} row {first_row[name]}: image {name} is "
                                f"{tuple(image.shape)}, the first was {tuple(images[0].shape)}")
         height, width = image.shape[1:]
         for row_number, label, box in rows:
-            _check_label(csv_path, row_number, label, box, width, height)
-            if num_classes is not None and label >= num_classes:
-                raise DatasetError(f"{csv_path} row {row_number}: class id {int(label)} is out of "
-                                   f"range for {num_classes} classes")
+            _check_label(csv_path, row_number, label, box, width, height, num_classes)
         scale = torch.tensor([1.0, width, height, width, height])
         labels.append(torch.tensor([[label, *box] for _, label, box in rows]).reshape(-1, 5) / scale)
         images.append(image)
@@ -1687,17 +1989,18 @@ class DetectionDataset(torch.utils.data.Dataset):
         return (image.float() if self.as_float else image), self.labels[idx]
 
 
-def load_data_bananas(batch_size, root=None, seed=0, as_float=True):
+def load_data_bananas(batch_size, root=None, seed=0, as_float=True, num_classes=None):
     """The seed's ``load_data_bananas``: (train_iter, val_iter) DataLoaders. Introduced in 06_data.
 
     root: a folder holding ``bananas_train/`` and ``bananas_val/`` (d2l's real
     dataset works too); None generates ours into ``data/`` on first use.
     Batches are (images (batch, 3, 256, 256), labels (batch, 1, 5)); the
-    training order is shuffled reproducibly from ``seed``.
+    training order is shuffled reproducibly from ``seed``. ``num_classes``:
+    refuse labels with class ids a model of that many classes does not have.
     """
     root = generate_banana_detection(seed=seed) if root is None else pathlib.Path(root)
-    train = DetectionDataset(root / "bananas_train", as_float)
-    val = DetectionDataset(root / "bananas_val", as_float)
+    train = DetectionDataset(root / "bananas_train", as_float, num_classes)
+    val = DetectionDataset(root / "bananas_val", as_float, num_classes)
     shuffle = torch.Generator().manual_seed(seed)
     return (torch.utils.data.DataLoader(train, batch_size, shuffle=True, generator=shuffle),
             torch.utils.data.DataLoader(val, batch_size))
@@ -1757,11 +2060,14 @@ def default_checkpoint():
 
 
 def batches(images, labels, batch_size, generator=None, shuffle=True):
-    """Yield (images (b, 3, H, W), labels (b, G, 5)) slices of in-memory tensors."""
+    """Yield (idx (b,), images (b, 3, H, W), labels (b, G, 5)) from in-memory tensors.
+
+    idx holds the batch's indices into ``images``, so a message can name an image.
+    """
     order = torch.randperm(len(images), generator=generator) if shuffle else torch.arange(len(images))
     for i in range(0, len(images), batch_size):
         idx = order[i:i + batch_size]
-        yield images[idx], labels[idx]
+        yield idx, images[idx], labels[idx]
 
 
 def hflip_batch(images, labels, generator=None):
@@ -1901,15 +2207,27 @@ def lr_at(step, total_steps, steps_per_epoch, config):
     raise ValueError(f"schedule must be 'constant' or 'cosine', got {config.schedule!r}")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and what to do."""
+
+
 def save_checkpoint(path, net, **extra):
     """Save weights and config atomically (temporary file, then rename). Introduced in 07_training.
 
     Readable with ``torch.load(path, weights_only=True)``; see ``load_model``.
+    An existing file is replaced only if it is a TinySSD checkpoint itself;
+    weights with NaN or inf are refused.
     """
     path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not _is_checkpoint(path):
+        raise FileExistsError(f"{path} exists and is not a TinySSD checkpoint; nothing was written. "
+                              "Save the model under another name.")
     state = {"state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
              "config": dataclasses.asdict(net.config), **extra}
+    bad = [k for k, v in state["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"not saving {path}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]})")
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
@@ -1920,12 +2238,19 @@ def save_checkpoint(path, net, **extra):
             os.remove(tmp)
 
 
-def train_step(net, optimizer, images, labels, config, device, use_bf16=False, use_cl=False):
+def train_step(net, optimizer, images, labels, config, device, use_bf16=False, use_cl=False, ids=None):
     """One SGD step on a batch: images (B, 3, H, W) uint8, labels (B, G, 5).
 
     Returns (loss as a float, batch_metrics). The forward pass runs under bf16
-    autocast when asked; targets and loss are float32. No step on a bad loss.
+    autocast when asked; targets and loss are float32. The batch is checked
+    first (check_images, check_labels). If a loss or a gradient is not finite,
+    no step is taken, the batch-norm statistics the forward pass moved are put
+    back, and FloatingPointError names the images (``ids``, default 0..B-1):
+    the model is left as it was before the batch.
     """
+    check_images(images, "batch", ids)
+    check_labels(labels, net.config.num_classes, "batch", ids)
+    saved = {name: buffer.clone() for name, buffer in net.named_buffers()}  # batch-norm statistics
     X = images.to(device).float()
     if use_cl:
         X = X.contiguous(memory_format=torch.channels_last)
@@ -1933,14 +2258,34 @@ def train_step(net, optimizer, images, labels, config, device, use_bf16=False, u
         anchors, cls_preds, bbox_preds = net(X)
     with torch.no_grad():
         bbox_labels, bbox_masks, cls_labels = multibox_target(anchors.float(), labels.to(device))
-    loss = calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks,
-                     config.neg_ratio, config.bbox_weight, config.loss_norm,
-                     config.box_loss, config.cls_loss, config.focal_gamma).mean()
-    if torch.isfinite(loss):
+    losses = calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks,
+                       config.neg_ratio, config.bbox_weight, config.loss_norm,
+                       config.box_loss, config.cls_loss, config.focal_gamma)  # (B,)
+    problem = _non_finite_loss(losses, ids)
+    optimizer.zero_grad(set_to_none=True)
+    if problem is None:
+        losses.mean().backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), math.inf)  # measures, clips nothing
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+        else:
+            problem = f"the gradient is {grad_norm.item()} although the loss is finite"
+    if problem is not None:
+        with torch.no_grad():
+            for name, buffer in net.named_buffers():
+                buffer.copy_(saved[name])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return loss.item(), batch_metrics(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks)
+        raise FloatingPointError(problem)
+    return losses.mean().item(), batch_metrics(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks)
+
+
+def _non_finite_loss(losses, ids):
+    """None if every per-image loss (B,) is finite, else a sentence naming the images."""
+    bad = (~torch.isfinite(losses.detach())).nonzero()[:, 0].tolist()
+    if not bad:
+        return None
+    names = [int(ids[i]) if ids is not None else i for i in bad]
+    return f"the loss is {losses[bad[0]].item()} for image(s) {names[:10]}{' ...' if len(bad) > 10 else ''}"
 
 
 def _epoch_summary(sums, num_examples, elapsed, lr):
@@ -1966,8 +2311,21 @@ def train_ssd(net, train_data, config, device, val_data=None, checkpoint=None,
     on_epoch_end(epoch, history): e.g. ``live_plot()``. The history holds
     per-epoch lists (loss, cls_err, fg_err, bbox_mae, lr, time, examples_per_s,
     AP50, AP); examples_per_s times all the work of the epoch.
-    Raises FloatingPointError naming the epoch and batch on a non-finite loss.
+    The data are checked before any step (check_images, check_labels). A
+    non-finite loss raises FloatingPointError naming the epoch, the batch and
+    the images (their index in train_data); the model is left as it was
+    before that batch.
     """
+    bad = [name for name, value in net.state_dict().items()
+           if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise FloatingPointError(f"the model already holds NaN or inf (in {bad[0]}) before training: start from a "
+                                 "new TinySSD or reload a checkpoint with load_model")
+    check_images(train_data[0], "train_data")
+    check_labels(train_data[1], net.config.num_classes, "train_data")
+    if val_data is not None:
+        check_images(val_data[0], "val_data")
+        check_labels(val_data[1], net.config.num_classes, "val_data")
     use_bf16, use_cl = pick_precision(device, config.bf16, config.channels_last)
     net.to(device, memory_format=torch.channels_last if use_cl else torch.contiguous_format)
     optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
@@ -1986,7 +2344,7 @@ def train_ssd(net, train_data, config, device, val_data=None, checkpoint=None,
         start = time.perf_counter()
         sums = dict.fromkeys(("loss", "cls_wrong", "anchors", "fg_wrong", "fg_anchors",
                               "bbox_abs", "bbox_values"), 0)
-        for batch, (X, Y) in enumerate(batches(images, labels, config.batch_size, generator)):
+        for batch, (idx, X, Y) in enumerate(batches(images, labels, config.batch_size, generator)):
             if config.augment:
                 X, Y = augment_batch(transform, X, Y, generator)
             elif config.hflip:
@@ -1994,11 +2352,14 @@ def train_ssd(net, train_data, config, device, val_data=None, checkpoint=None,
             lr = lr_at(step, total_steps, steps_per_epoch, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, counts = train_step(net, optimizer, X, Y, config, device, use_bf16, use_cl)
-            if not math.isfinite(loss):
+            try:
+                loss, counts = train_step(net, optimizer, X, Y, config, device, use_bf16, use_cl, ids=idx)
+            except FloatingPointError as error:
                 bar.close()
-                raise FloatingPointError(f"loss is {loss} at epoch {epoch + 1}, batch {batch + 1} "
-                                         f"(lr {lr:.3g}): lower the learning rate or check the labels")
+                raise FloatingPointError(
+                    f"epoch {epoch + 1}, batch {batch + 1} (lr {lr:.3g}): {error} (indices into train_data). "
+                    "The model is left as it was before this batch. The images and labels passed the checks, "
+                    "so the likely cause is a learning rate too high for this loss: lower config.lr.") from None
             for key, value in counts.items():
                 sums[key] += value
             sums["loss"] += loss * len(X)
@@ -2036,6 +2397,7 @@ def detect_images(net, images, batch_size=50, pos_threshold=0.01, nms_threshold=
             X = X.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             anchors, cls_preds, bbox_preds = net(X)
+        _check_predictions(cls_preds, bbox_preds)
         cls_probs = torch.softmax(cls_preds.float(), dim=2).permute(0, 2, 1)
         detections = multibox_detection(cls_probs, bbox_preds.float(), anchors.float(),
                                         nms_threshold=nms_threshold, pos_threshold=pos_threshold)
@@ -2103,18 +2465,81 @@ def train_default_model(path=None, device=None, epochs=None, progress=True):
 # 8. Prediction: load a trained model and detect on any image (08_prediction)
 # ---------------------------------------------------------------------------
 
-def load_model(path, device=None):
+def load_model(path, device=None, num_classes=None):
     """Rebuild a trained TinySSD from a checkpoint. Introduced in 08_prediction.
 
     Returns ``(net, config)``: the model in eval mode on ``device`` (default CPU)
     and its SSDConfig. The file is read with ``weights_only=True``, so loading a
-    checkpoint runs no code from it.
+    checkpoint runs no code from it. ``num_classes``: the number of classes you
+    expect. A file that is empty, not a checkpoint, inconsistent with its config,
+    for another number of classes, or holding NaN weights raises CheckpointError.
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    config = SSDConfig(**{key: _as_tuples(value) for key, value in checkpoint["config"].items()})
-    net = TinySSD(config)
+    path = pathlib.Path(path)
+    checkpoint = _read_checkpoint(path)
+    try:
+        config = SSDConfig(**{key: _as_tuples(value) for key, value in checkpoint["config"].items()})
+        net = TinySSD(config)
+    except (TypeError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"{path}: its config cannot build a TinySSD ({error})") from None
+    if num_classes is not None and config.num_classes != num_classes:
+        raise CheckpointError(f"{path} holds a model with num_classes={config.num_classes}, not {num_classes}")
+    _check_state_dict(path, checkpoint["state_dict"], net)
     net.load_state_dict(checkpoint["state_dict"])
     return net.to(device or "cpu").eval(), config
+
+
+def _read_checkpoint(path):
+    """The dict saved by save_checkpoint, read with weights_only=True; CheckpointError otherwise."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes), perhaps from a copy or save that was cut off. "
+                              "Copy it again, or train again.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types, by how the bytes are broken
+        raise CheckpointError(
+            f"{path} ({size} bytes) is not a readable PyTorch checkpoint ({type(error).__name__}). It was read "
+            "with weights_only=True, which runs no code from the file; do not load a file of unknown origin "
+            "any other way. Save models with save_checkpoint, or train again.") from None
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict)
+            and isinstance(checkpoint.get("config"), dict)):
+        found = sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise CheckpointError(f"{path} is a PyTorch file but not a TinySSD checkpoint: it needs a 'state_dict' "
+                              f"and a 'config' (found {found}). Save models with save_checkpoint(path, net).")
+    return checkpoint
+
+
+def _is_checkpoint(path):
+    """True if ``path`` reads as a TinySSD checkpoint (what save_checkpoint may replace)."""
+    try:
+        _read_checkpoint(pathlib.Path(path))
+        return True
+    except (CheckpointError, FileNotFoundError, OSError):
+        return False
+
+
+def _check_state_dict(path, state, net):
+    """CheckpointError unless ``state`` has exactly net's tensors, in net's shapes, all finite."""
+    expected = net.state_dict()
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{path}: its weights do not match its config: missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}")
+    for key, value in expected.items():
+        if tuple(state[key].shape) != tuple(value.shape):
+            hint = ""
+            if key == "cls_heads.0.weight":
+                classes = state[key].shape[0] // net.config.num_anchors - 1
+                hint = f"; the weights are for num_classes={classes}, its config says {net.config.num_classes}"
+            raise CheckpointError(f"{path}: {key} is {tuple(state[key].shape)} in the file, the model built "
+                                  f"from its config needs {tuple(value.shape)}{hint}")
+    bad = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}), so the "
+                              "model would detect nothing. Training diverged before it was saved: use an "
+                              "earlier checkpoint or train again.")
 
 
 def _as_tuples(value):
@@ -2125,45 +2550,72 @@ def _as_tuples(value):
 def to_image_tensor(image):
     """Any image -> uint8 (3, H, W) RGB. Introduced in 08_prediction.
 
-    ``image``: a file path, a PIL image of any mode, a numpy array (H, W) or
-    (H, W, 3 or 4), or a tensor (3, H, W) / (1, H, W) / (H, W) in 0..255.
+    ``image``: a file path (EXIF orientation applied), a PIL image, a numpy
+    array (H, W, C) or a tensor (C, H, W); see ``image_to_uint8`` for the
+    rules (floats are 0..255; what is ambiguous raises DatasetError).
     """
     if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as opened:
-            image = opened.convert("RGB")
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    if isinstance(image, np.ndarray):
-        image = torch.from_numpy(np.array(image))  # a writable copy
-        image = image[None] if image.ndim == 2 else image[..., :3].permute(2, 0, 1)
-    if image.ndim == 2:
-        image = image[None]
-    if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
-        raise ValueError(f"expected an image (3, H, W), got shape {tuple(image.shape)}")
-    image = image[:3].expand(3, -1, -1) if image.shape[0] == 1 else image[:3]
-    return image.round().clamp(0, 255).to(torch.uint8) if image.is_floating_point() else image.to(torch.uint8)
+        return open_image(image, "image", exif="apply")
+    return image_to_uint8(image)
 
 
-def detect(net, image, threshold=0.5, size=256, nms_threshold=0.5):
+def _check_predictions(cls_preds, bbox_preds):
+    """RuntimeError if a model's outputs hold NaN or inf: its weights are damaged."""
+    if not (torch.isfinite(cls_preds).all() and torch.isfinite(bbox_preds).all()):
+        raise RuntimeError("the model's outputs hold NaN or inf: its weights or batch-norm statistics are "
+                           "damaged (e.g. by training on bad input). Reload it with load_model.")
+
+
+def letterbox(pixels, size, fill):
+    """Scale an image to fit ``size`` x ``size`` and pad the rest. Introduced in 08_prediction.
+
+    pixels: (3, H, W). Returns (X (1, 3, size, size) float32 in 0..255, scale
+    (sx, sy)): the longer side becomes ``size``, the proportions are kept,
+    and the right or bottom strip is filled with the colour ``fill`` (3 values).
+    A pixel x of the image lands at x * sx in X.
+    """
+    height, width = pixels.shape[1:]
+    new_h, new_w = max(1, round(height * size / max(height, width))), max(1, round(width * size / max(height, width)))
+    X = torch.tensor(fill, dtype=torch.float32).view(1, 3, 1, 1).repeat(1, 1, size, size)
+    X[..., :new_h, :new_w] = F.interpolate(pixels[None].float(), size=(new_h, new_w), mode="bilinear",
+                                           antialias=True, align_corners=False)
+    return X, (new_w / width, new_h / height)
+
+
+def detect(net, image, threshold=0.5, size=256, nms_threshold=0.5, keep_aspect=True):
     """Detect objects in one image of any size and mode. Introduced in 08_prediction.
 
-    The image is resized to ``size`` x ``size`` (the training size), and the
-    boxes are mapped back to its own pixels. Returns a float tensor (k, 6) of
-    rows (class_id, score, xmin, ymin, xmax, ymax), best first, score >= threshold.
+    ``image``: a file path, a PIL image, a numpy array (H, W, C) or a tensor
+    (C, H, W). Integer pixels are 0..255 (uint16: 0..65535); **floats are
+    0..255**, as the model takes them, and floats all within 0..1 are refused
+    as ambiguous (multiply a 0..1 image by 255). Photos are turned upright by
+    their EXIF orientation; transparent pixels become white (see image_to_uint8).
+    The image is scaled to fit ``size`` x ``size`` with its proportions kept and
+    padded with the model's mean colour (``keep_aspect=False``: squashed to the
+    square, as the book does). Returns a float tensor (k, 6) of rows
+    (class_id, score, xmin, ymin, xmax, ymax) in the upright image's pixels,
+    best first, score >= threshold.
     """
     pixels = to_image_tensor(image)  # (3, H, W) uint8
     height, width = pixels.shape[1:]
     device = next(net.parameters()).device
-    X = torch.nn.functional.interpolate(pixels[None].float(), size=(size, size), mode="bilinear",
-                                        antialias=True, align_corners=False)
+    if keep_aspect:
+        fill = [round(v) for v in (net.config.pixel_mean or (127.5,) * 3)]
+        X, (sx, sy) = letterbox(pixels, size, fill)
+    else:
+        X = F.interpolate(pixels[None].float(), size=(size, size), mode="bilinear", antialias=True,
+                          align_corners=False)
+        sx, sy = size / width, size / height
     net.eval()
     with torch.no_grad():
         anchors, cls_preds, bbox_preds = net(X.to(device))
+        _check_predictions(cls_preds, bbox_preds)
         cls_probs = torch.softmax(cls_preds.float(), dim=2).permute(0, 2, 1)
         output = multibox_detection(cls_probs, bbox_preds.float(), anchors, nms_threshold)[0].cpu()
     output = output[(output[:, 0] >= 0) & (output[:, 1] >= threshold)]
-    scale = torch.tensor([width, height, width, height], dtype=output.dtype)
-    output[:, 2:] = (output[:, 2:] * scale).clamp(min=torch.zeros(4), max=scale)
+    scale = torch.tensor([size / sx, size / sy, size / sx, size / sy], dtype=output.dtype)
+    limit = torch.tensor([width, height, width, height], dtype=output.dtype)
+    output[:, 2:] = (output[:, 2:] * scale).clamp(min=torch.zeros(4), max=limit)
     return output
 
 

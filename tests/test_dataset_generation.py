@@ -132,19 +132,34 @@ def test_second_call_reuses_dataset(tmp_path):
     assert len(read_rows(label)) == 1 + 5
 
 
-def test_partial_root_and_leftovers_are_handled(tmp_path):
+def test_a_root_without_marker_is_refused_and_kept(tmp_path):
     root = tmp_path / "bananas"
-    (root / "bananas_train" / "images").mkdir(parents=True)  # no marker
+    (root / "bananas_train" / "images").mkdir(parents=True)  # d2l's layout, but not made by us
     (root / "bananas_train" / "images" / "0.png").write_bytes(b"junk")
-    old, young = tmp_path / "bananas.tmp-old", tmp_path / "bananas.tmp-young"
-    old.mkdir(), young.mkdir()
+    with pytest.raises(FileExistsError, match="not a dataset this series generated"):
+        bd.generate_banana_detection(root, num_train=4, num_val=2)
+    assert (root / "bananas_train" / "images" / "0.png").read_bytes() == b"junk"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bananas"]  # no temporary left either
+
+
+def test_stale_temporaries_are_removed_only_if_generated(tmp_path):
+    root = tmp_path / "bananas"
+    old = tmp_path / "bananas.tmp-abcd1234"
+    (old / "bananas_train" / "images").mkdir(parents=True)
+    (old / "bananas_train" / "images" / "0.png").write_bytes(b"half-written")
+    foreign = tmp_path / "bananas.tmp-backup00"  # the same pattern, but a user's file inside
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    young = tmp_path / "bananas.tmp-young123"
+    young.mkdir()
     two_hours_ago = time.time() - 7200
-    os.utime(old, (two_hours_ago, two_hours_ago))
+    for path in (old, foreign):
+        os.utime(path, (two_hours_ago, two_hours_ago))
     bd.generate_banana_detection(root, num_train=4, num_val=2)
     assert (root / bd.MARKER_FILE).is_file()
     assert Image.open(root / "bananas_train" / "images" / "0.png").size == (256, 256)
     assert not old.exists() and young.exists()  # young: maybe another run
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bananas", "bananas.tmp-young"]
+    assert (foreign / "notes.txt").read_text() == "mine"
 
 
 def test_interrupted_run_leaves_nothing(tmp_path):

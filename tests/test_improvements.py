@@ -90,9 +90,9 @@ def test_augmentation_changes_what_the_model_sees(tiny_data, monkeypatch):  # no
     seen = []
     real_step = H.train_step
 
-    def spy(net, optimizer, images, labels, *args):
+    def spy(net, optimizer, images, labels, *args, **kwargs):
         seen.append(labels.clone())
-        return real_step(net, optimizer, images, labels, *args)
+        return real_step(net, optimizer, images, labels, *args, **kwargs)
     monkeypatch.setattr(H, "train_step", spy)
     for augment in (False, True):
         H.set_seed(0)

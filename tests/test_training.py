@@ -109,14 +109,40 @@ def test_same_seed_same_training(tiny_data):
     assert losses[0] == losses[1]
 
 
-def test_non_finite_loss_stops_with_where(tiny_data):
+def test_non_finite_loss_stops_naming_epoch_batch_and_image(tiny_data, monkeypatch):
+    images, labels = tiny_data[0]
+    real_loss, real_step, calls, before = H.calc_loss, H.train_step, [0], {}
+
+    def nan_in_second_batch(*args, **kwargs):
+        losses = real_loss(*args, **kwargs)
+        calls[0] += 1
+        return torch.where(torch.arange(len(losses)) == 1, math.nan, losses) if calls[0] == 2 else losses
+
+    def remember_state(net, *args, **kwargs):
+        before.update({k: v.clone() for k, v in net.state_dict().items()})
+        return real_step(net, *args, **kwargs)
+    monkeypatch.setattr(H, "calc_loss", nan_in_second_batch)
+    monkeypatch.setattr(H, "train_step", remember_state)
+    H.set_seed(0)
+    net = H.TinySSD(H.default_config())
+    image = int(torch.randperm(16, generator=torch.Generator().manual_seed(0))[8 + 1])  # batch 2, position 1
+    with pytest.raises(FloatingPointError, match=rf"epoch 1, batch 2 .*image\(s\) \[{image}\].*lower config.lr"):
+        H.train_ssd(net, (images, labels), H.TrainConfig(epochs=1, batch_size=8, bf16="off"),
+                    torch.device("cpu"), progress=False)
+    for key, value in net.state_dict().items():  # weights and batch-norm statistics as before batch 2
+        assert torch.equal(value, before[key]), key
+
+
+def test_a_damaged_model_is_refused_by_training_and_detect(tiny_data):
     images, labels = tiny_data[0]
     net = H.TinySSD(H.default_config())
     with torch.no_grad():
         net.cls_heads[0].bias.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match=r"epoch 1, batch 1"):
+    with pytest.raises(FloatingPointError, match="already holds NaN"):
         H.train_ssd(net, (images, labels), H.TrainConfig(epochs=1, batch_size=8, bf16="off"),
                     torch.device("cpu"), progress=False)
+    with pytest.raises(RuntimeError, match="outputs hold NaN"):
+        H.detect(net, images[0])
 
 
 def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
@@ -133,11 +159,11 @@ def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
 
 
-def test_detect_maps_boxes_back_to_any_image(tiny_data):
+def test_detect_can_squash_like_the_book(tiny_data):
     H.set_seed(0)
     net = H.TinySSD(H.default_config()).eval()
     wide = torch.nn.functional.interpolate(tiny_data[1][0][:1].float(), size=(200, 500))[0].to(torch.uint8)
-    found = H.detect(net, wide, threshold=0.0)  # (k, 6) in the 500x200 image's pixels
+    found = H.detect(net, wide, threshold=0.0, keep_aspect=False)  # (k, 6) in the 500x200 image's pixels
     X = torch.nn.functional.interpolate(wide[None].float(), size=(256, 256), mode="bilinear", antialias=True)
     with torch.no_grad():
         anchors, cls_preds, bbox_preds = net(X)
@@ -146,6 +172,20 @@ def test_detect_maps_boxes_back_to_any_image(tiny_data):
     scale = torch.tensor([500.0, 200, 500, 200])
     torch.testing.assert_close(found[:, 2:], (reference[:, 2:] * scale).clamp(torch.zeros(4), scale))
     assert (found[:, [2, 4]] <= 500).all() and (found[:, [3, 5]] <= 200).all()
+
+
+def test_detect_keeps_proportions_by_padding(tiny_data):
+    """A 256x128 image is detected exactly as the same image padded to 256x256 with the fill colour."""
+    H.set_seed(0)
+    net = H.TinySSD(H.default_config()).eval()
+    half = tiny_data[1][0][0][:, :128]  # (3, 128, 256)
+    fill = torch.tensor([round(v) for v in net.config.pixel_mean], dtype=torch.uint8)
+    padded = torch.cat([half, fill.view(3, 1, 1).expand(3, 128, 256)], dim=1)  # (3, 256, 256)
+    found = H.detect(net, half, threshold=0.0)
+    reference = H.detect(net, padded, threshold=0.0)
+    reference[:, 2:] = reference[:, 2:].clamp(max=torch.tensor([256.0, 128, 256, 128]))
+    torch.testing.assert_close(found, reference)
+    assert len(found) > 0 and (found[:, [3, 5]] <= 128).all()
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
