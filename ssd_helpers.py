@@ -84,7 +84,7 @@ __all__ = [
     "detect_images",
     "plot_history", "live_plot", "train_default_model",
     # 8. Prediction
-    "load_model", "to_image_tensor", "letterbox", "detect", "show_detections",
+    "load_model", "to_image_tensor", "detect", "show_detections",
     # 9. Evaluation
     "match_detections", "precision_recall", "precision_envelope", "average_precision",
     "class_precision_recall", "mean_average_precision", "evaluate_map", "plot_pr_curve",
@@ -280,7 +280,10 @@ def multibox_prior(data, sizes, ratios):
     data: (batch, channels, h, w); only h and w are used.
     Returns (1, h * w * (len(sizes) + len(ratios) - 1), 4) normalised corner boxes.
     Each pixel gets the sizes with ratios[0], then sizes[0] with ratios[1:].
-    Same arithmetic as d2l's version, so the anchors are bit-identical.
+    Sizes are fractions of the map's shorter side. On square and wide maps that
+    is the height, and the anchors are bit-identical to d2l's; on a tall map
+    d2l still measures against the height, which would make every anchor too
+    large for a portrait photo (08_prediction runs the model on one).
     """
     in_height, in_width = data.shape[-2:]
     device = data.device
@@ -292,12 +295,16 @@ def multibox_prior(data, sizes, ratios):
     center_w = (torch.arange(in_width, device=device) + 0.5) * (1.0 / in_width)
     shift_y, shift_x = torch.meshgrid(center_h, center_w, indexing="ij")
     shift_y, shift_x = shift_y.reshape(-1), shift_x.reshape(-1)  # (h * w,)
-    # Widths and heights of the boxes_per_pixel shapes; w is scaled by h / w
-    # so that a ratio-1 anchor is square in pixels on a non-square map.
+    # Widths and heights of the boxes_per_pixel shapes, as fractions of the map's
+    # width and height, scaled so that a ratio-1 anchor is square in pixels.
     w = torch.cat((size_tensor * torch.sqrt(ratio_tensor[0]),
-                   sizes[0] * torch.sqrt(ratio_tensor[1:]))) * in_height / in_width
+                   sizes[0] * torch.sqrt(ratio_tensor[1:])))
     h = torch.cat((size_tensor / torch.sqrt(ratio_tensor[0]),
                    sizes[0] / torch.sqrt(ratio_tensor[1:])))
+    if in_height <= in_width:
+        w = w * in_height / in_width
+    else:
+        h = h * in_width / in_height
     half_sizes = torch.stack((-w, -h, w, h)).T.repeat(in_height * in_width, 1) / 2
     centers = torch.stack([shift_x, shift_y, shift_x, shift_y],
                           dim=1).repeat_interleave(boxes_per_pixel, dim=0)
@@ -2566,23 +2573,7 @@ def _check_predictions(cls_preds, bbox_preds):
                            "damaged (e.g. by training on bad input). Reload it with load_model.")
 
 
-def letterbox(pixels, size, fill):
-    """Scale an image to fit ``size`` x ``size`` and pad the rest. Introduced in 08_prediction.
-
-    pixels: (3, H, W). Returns (X (1, 3, size, size) float32 in 0..255, scale
-    (sx, sy)): the longer side becomes ``size``, the proportions are kept,
-    and the right or bottom strip is filled with the colour ``fill`` (3 values).
-    A pixel x of the image lands at x * sx in X.
-    """
-    height, width = pixels.shape[1:]
-    new_h, new_w = max(1, round(height * size / max(height, width))), max(1, round(width * size / max(height, width)))
-    X = torch.tensor(fill, dtype=torch.float32).view(1, 3, 1, 1).repeat(1, 1, size, size)
-    X[..., :new_h, :new_w] = F.interpolate(pixels[None].float(), size=(new_h, new_w), mode="bilinear",
-                                           antialias=True, align_corners=False)
-    return X, (new_w / width, new_h / height)
-
-
-def detect(net, image, threshold=0.5, size=256, nms_threshold=0.5, keep_aspect=True):
+def detect(net, image, threshold=0.5, size=256, nms_threshold=0.5, keep_aspect=True, max_size=1024):
     """Detect objects in one image of any size and mode. Introduced in 08_prediction.
 
     ``image``: a file path, a PIL image, a numpy array (H, W, C) or a tensor
@@ -2590,32 +2581,31 @@ def detect(net, image, threshold=0.5, size=256, nms_threshold=0.5, keep_aspect=T
     0..255**, as the model takes them, and floats all within 0..1 are refused
     as ambiguous (multiply a 0..1 image by 255). Photos are turned upright by
     their EXIF orientation; transparent pixels become white (see image_to_uint8).
-    The image is scaled to fit ``size`` x ``size`` with its proportions kept and
-    padded with the model's mean colour (``keep_aspect=False``: squashed to the
-    square, as the book does). Returns a float tensor (k, 6) of rows
-    (class_id, score, xmin, ymin, xmax, ymax) in the upright image's pixels,
-    best first, score >= threshold.
+    The image keeps its proportions: it is scaled so that its shorter side is
+    ``size`` (the training size; the longer side at most ``max_size``) and the
+    model, being convolutional, runs on the whole rectangle. ``keep_aspect=False``
+    squashes it to ``size`` x ``size`` as the book does. Returns a float tensor
+    (k, 6) of rows (class_id, score, xmin, ymin, xmax, ymax) in the upright
+    image's pixels, best first, score >= threshold.
     """
     pixels = to_image_tensor(image)  # (3, H, W) uint8
     height, width = pixels.shape[1:]
-    device = next(net.parameters()).device
-    if keep_aspect:
-        fill = [round(v) for v in (net.config.pixel_mean or (127.5,) * 3)]
-        X, (sx, sy) = letterbox(pixels, size, fill)
+    if keep_aspect:  # at least 64 px on the short side: five blocks halve it down to one pixel
+        short, long = min(height, width), max(height, width)
+        scale = max(min(size / short, max_size / long), 64 / short)
+        new_size = (max(1, round(height * scale)), max(1, round(width * scale)))
     else:
-        X = F.interpolate(pixels[None].float(), size=(size, size), mode="bilinear", antialias=True,
-                          align_corners=False)
-        sx, sy = size / width, size / height
+        new_size = (size, size)
+    X = F.interpolate(pixels[None].float(), size=new_size, mode="bilinear", antialias=True, align_corners=False)
     net.eval()
     with torch.no_grad():
-        anchors, cls_preds, bbox_preds = net(X.to(device))
+        anchors, cls_preds, bbox_preds = net(X.to(next(net.parameters()).device))
         _check_predictions(cls_preds, bbox_preds)
         cls_probs = torch.softmax(cls_preds.float(), dim=2).permute(0, 2, 1)
         output = multibox_detection(cls_probs, bbox_preds.float(), anchors, nms_threshold)[0].cpu()
     output = output[(output[:, 0] >= 0) & (output[:, 1] >= threshold)]
-    scale = torch.tensor([size / sx, size / sy, size / sx, size / sy], dtype=output.dtype)
-    limit = torch.tensor([width, height, width, height], dtype=output.dtype)
-    output[:, 2:] = (output[:, 2:] * scale).clamp(min=torch.zeros(4), max=limit)
+    scale = torch.tensor([width, height, width, height], dtype=output.dtype)  # normalised -> the image's pixels
+    output[:, 2:] = (output[:, 2:] * scale).clamp(min=torch.zeros(4), max=scale)
     return output
 
 

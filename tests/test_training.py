@@ -174,18 +174,27 @@ def test_detect_can_squash_like_the_book(tiny_data):
     assert (found[:, [2, 4]] <= 500).all() and (found[:, [3, 5]] <= 200).all()
 
 
-def test_detect_keeps_proportions_by_padding(tiny_data):
-    """A 256x128 image is detected exactly as the same image padded to 256x256 with the fill colour."""
+def test_detect_keeps_proportions_and_runs_on_the_whole_rectangle(tiny_data):
+    """A 512x256 photo runs through the model as it is: no squashing, no padding."""
     H.set_seed(0)
     net = H.TinySSD(H.default_config()).eval()
-    half = tiny_data[1][0][0][:, :128]  # (3, 128, 256)
-    fill = torch.tensor([round(v) for v in net.config.pixel_mean], dtype=torch.uint8)
-    padded = torch.cat([half, fill.view(3, 1, 1).expand(3, 128, 256)], dim=1)  # (3, 256, 256)
-    found = H.detect(net, half, threshold=0.0)
-    reference = H.detect(net, padded, threshold=0.0)
-    reference[:, 2:] = reference[:, 2:].clamp(max=torch.tensor([256.0, 128, 256, 128]))
-    torch.testing.assert_close(found, reference)
-    assert len(found) > 0 and (found[:, [3, 5]] <= 128).all()
+    wide = torch.cat([tiny_data[1][0][0], tiny_data[1][0][1]], dim=2)  # (3, 256, 512)
+    found = H.detect(net, wide, threshold=0.0)
+    with torch.no_grad():
+        anchors, cls_preds, bbox_preds = net(wide[None].float())
+    reference = H.multibox_detection(torch.softmax(cls_preds, 2).permute(0, 2, 1), bbox_preds, anchors)[0]
+    reference = reference[reference[:, 0] >= 0]
+    scale = torch.tensor([512.0, 256, 512, 256])
+    torch.testing.assert_close(found[:, 2:], (reference[:, 2:] * scale).clamp(torch.zeros(4), scale))
+    assert anchors.shape[1] == 4 * (32 * 64 + 16 * 32 + 8 * 16 + 4 * 8 + 1)
+
+
+def test_detect_on_extreme_shapes(tiny_data):
+    net = H.TinySSD(H.default_config()).eval()
+    for shape in [(3, 20, 3000), (3, 3000, 20), (3, 7, 9)]:
+        image = torch.nn.functional.interpolate(tiny_data[1][0][:1].float(), size=shape[1:])[0]
+        found = H.detect(net, image, threshold=0.0)
+        assert (found[:, [2, 4]] <= shape[2]).all() and (found[:, [3, 5]] <= shape[1]).all()
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
