@@ -14,6 +14,7 @@ Read it as a book. The sections follow the notebooks:
     8. Prediction: load_model and detect           (08_prediction)
     9. Evaluation: mean average precision          (09_evaluation)
     10. Improvements: box-aware augmentation       (10_improvements)
+    11. Your own data: readers, validation, shell  (11_your_own_data)
 
 Conventions used everywhere:
 
@@ -33,6 +34,7 @@ import csv
 import dataclasses
 import hashlib
 import io
+import json
 import math
 import os
 import pathlib
@@ -41,6 +43,7 @@ import re
 import shutil
 import tempfile
 import time
+from xml.etree import ElementTree
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -91,6 +94,9 @@ __all__ = [
     # 10. Improvements
     "ssd_augmentation", "augment_sample", "augment_batch", "show_augmented",
     "evaluate_splits", "train_variant",
+    # 11. Your own data
+    "DetectionData", "read_dataset", "DatasetReport", "validate_dataset", "export_dataset",
+    "draw_detections", "detect_folder", "main",
 ]
 
 
@@ -115,6 +121,8 @@ class SSDConfig:
     # (per RGB channel, same scale) the model standardises them itself first.
     pixel_mean: tuple | None = None
     pixel_std: tuple | None = None
+    # Names of the classes, in id order, saved with the model (11_your_own_data).
+    class_names: tuple | None = None
 
     @property
     def num_anchors(self):
@@ -586,6 +594,8 @@ class TinySSD(nn.Module):
         self.cls_heads = nn.ModuleList([cls_predictor(c, cfg.num_anchors, cfg.num_classes)
                                         for c in in_channels])
         self.bbox_heads = nn.ModuleList([bbox_predictor(c, cfg.num_anchors) for c in in_channels])
+        if cfg.class_names is not None and len(cfg.class_names) != cfg.num_classes:
+            raise ValueError(f"{len(cfg.class_names)} class_names for num_classes={cfg.num_classes}")
         if (cfg.pixel_mean is None) != (cfg.pixel_std is None):
             raise ValueError("give both pixel_mean and pixel_std, or neither")
         if cfg.pixel_mean is not None:  # buffers follow .to(device) but are not saved
@@ -1403,28 +1413,29 @@ def is_complete(root, params):
     return marker.is_file() and marker.read_text() == marker_text(params)
 
 
-def is_generated_layout(folder):
-    """True if ``folder`` holds nothing but what a generate_* function writes.
+# Paths (relative, POSIX) that the series writes into a dataset folder: d2l's
+# layout from the generate_* functions, and the VOC, COCO and CSV exports of 11_your_own_data.
+GENERATED_PATHS = (
+    r"[a-z-]+_(train|val)", r"[a-z-]+_(train|val)/label\.csv", r"[a-z-]+_(train|val)/images",
+    r"[a-z-]+_(train|val)/images/\d+\.png",
+    r"Annotations", r"Annotations/\w+\.xml", r"JPEGImages", r"JPEGImages/\w+\.png",
+    r"ImageSets", r"ImageSets/Main", r"ImageSets/Main/\w+\.txt", r"images", r"images/\w+\.png",
+    r"\w+\.json", r"\w+\.csv",
+)
 
-    That is: the marker file, and ``<prefix>_train``/``<prefix>_val`` folders
-    holding ``label.csv`` and ``images/N.png``. A symbolic link, or any other
-    file (a user's notes, d2l's own download), makes it False.
+
+def is_generated_layout(folder):
+    """True if ``folder`` holds nothing but what the series writes (GENERATED_PATHS).
+
+    A symbolic link, or any other file (a user's notes, d2l's own download
+    with a file of its own), makes it False.
     """
     folder = pathlib.Path(folder)
     for path in folder.rglob("*"):
-        parts = path.relative_to(folder).parts
+        relative = path.relative_to(folder).as_posix()
         if path.is_symlink():
             return False
-        if parts == (MARKER_FILE,):
-            continue
-        split, rest = parts[0], parts[1:]
-        if not re.fullmatch(r"[a-z-]+_(train|val)", split):
-            return False
-        if not rest or rest == ("images",):
-            if not path.is_dir():
-                return False
-        elif not (rest == ("label.csv",)
-                  or (len(rest) == 2 and rest[0] == "images" and re.fullmatch(r"\d+\.png", rest[1]))):
+        if relative != MARKER_FILE and not any(re.fullmatch(pattern, relative) for pattern in GENERATED_PATHS):
             return False
     return True
 
@@ -2056,9 +2067,15 @@ class TrainConfig:
         return cls(**{**book, **overrides})
 
 
-def default_config(num_classes=1):
-    """The SSDConfig we train by default: the book's anchors, ImageNet pixel statistics."""
-    return SSDConfig(num_classes=num_classes, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD)
+def default_config(num_classes=1, class_names=None):
+    """The SSDConfig we train by default: the book's anchors, ImageNet pixel statistics.
+
+    class_names (11_your_own_data): saved with the model; sets num_classes.
+    """
+    if class_names is not None:
+        num_classes, class_names = len(class_names), tuple(class_names)
+    return SSDConfig(num_classes=num_classes, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD,
+                     class_names=class_names)
 
 
 def default_checkpoint():
@@ -3118,3 +3135,546 @@ def train_variant(config, train_data, splits, model_config, device, checkpoint=N
         save_checkpoint(checkpoint, net, train_config=dataclasses.asdict(config), results=results,
                         history=per_epoch(history))
     return row
+
+
+# ---------------------------------------------------------------------------
+# 11. Your own data: VOC, COCO and CSV, a validation report, detection on a folder (11_your_own_data)
+# ---------------------------------------------------------------------------
+#
+# Each reader turns its format into the same records: one per image, holding
+# the image file and its objects (class name, pixel box with an exclusive
+# max, the values as written, a difficult flag, and where in the annotation
+# file it came from). One pass (_scan) then decodes each image once, checks
+# every object, and scales the image to the model's input.
+
+CSV_DATASET_HEADER = ("image", "class", "xmin", "ymin", "xmax", "ymax")
+
+
+@dataclasses.dataclass
+class _Object:
+    name: str
+    box: list        # (xmin, ymin, xmax, ymax) in pixels, exclusive max
+    written: list    # the four numbers as the file has them
+    difficult: bool
+    where: str       # e.g. "train.csv row 7" or "Annotations/x.xml object 2"
+
+
+@dataclasses.dataclass
+class _Record:
+    file: pathlib.Path  # the image
+    objects: list
+    source: pathlib.Path  # the annotation file that lists the image ...
+    where: str            # ... and where in it
+    size: tuple = None    # (width, height) if the annotation file states it
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectionData:
+    """A dataset in memory, read by read_dataset. Introduced in 11_your_own_data.
+
+    images: uint8 (N, 3, size, size); each photo is scaled to fit with its
+        proportions kept and padded at the right or bottom with the mean colour.
+    labels: float32 (N, G, 5) rows (class, xmin, ymin, xmax, ymax) in 0..1 of
+        the padded square, padded with rows of -1; ready for train_ssd.
+    difficult: bool (N, G): VOC's difficult flag or COCO's iscrowd.
+    class_names: class id i is class_names[i]. files: the image of each row.
+    """
+    images: torch.Tensor
+    labels: torch.Tensor
+    difficult: torch.Tensor
+    class_names: tuple
+    files: tuple
+
+
+def _problem(file, where, problem, fix, image=""):
+    """One row of the validation report: the annotation file, where in it, the image, what is wrong, what to do."""
+    return {"file": str(file), "where": where, "image": str(image), "problem": problem, "fix": fix}
+
+
+def _number_list(values, where, problems, file):
+    """Four floats from strings, or None after recording a problem."""
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError):
+        problems.append(_problem(file, where, f"box values are not numbers: {values}", "write four numbers"))
+        return None
+    return numbers
+
+
+def _voc_records(root, split):
+    """Records of a Pascal VOC folder: Annotations/*.xml, JPEGImages/, ImageSets/Main/<split>.txt."""
+    list_file = root / "ImageSets" / "Main" / f"{split}.txt"
+    if not list_file.is_file():
+        raise DatasetError(f"{list_file} is missing: a VOC folder lists the image ids of each split there")
+    records, problems = [], []
+    for line_number, line in enumerate(_csv_text(list_file).splitlines(), start=1):
+        if not line.strip():
+            continue
+        image_id = line.split()[0]
+        xml_path = root / "Annotations" / f"{image_id}.xml"
+        if not xml_path.is_file():
+            problems.append(_problem(list_file, f"line {line_number}", f"no annotation {xml_path.name}",
+                                     "add the XML file or remove the id from the list"))
+            continue
+        try:
+            node = ElementTree.fromstring(xml_path.read_bytes())
+        except ElementTree.ParseError as error:
+            problems.append(_problem(xml_path, "", f"not valid XML ({error})", "fix or re-export the file"))
+            continue
+        size = [node.findtext(f"size/{tag}") for tag in ("width", "height")]
+        size = tuple(int(float(v)) for v in size) if all(size) else None
+        objects = []
+        for k, obj in enumerate(node.iter("object"), start=1):
+            where = f"object {k}"
+            written = _number_list([obj.findtext(f"bndbox/{t}") for t in ("xmin", "ymin", "xmax", "ymax")],
+                                   where, problems, xml_path)
+            if written is not None:  # VOC counts pixels from 1, and xmax is the last pixel inside
+                box = [written[0] - 1, written[1] - 1, written[2], written[3]]
+                objects.append(_Object((obj.findtext("name") or "").strip(), box, written,
+                                       (obj.findtext("difficult") or "0").strip() == "1", where))
+        image = root / "JPEGImages" / (node.findtext("filename") or f"{image_id}.jpg").strip()
+        records.append(_Record(image, objects, xml_path, "", size))
+    return records, problems, None
+
+
+def _coco_records(json_path, image_dir):
+    """Records of a COCO JSON file; category ids become 0..K-1 in id order, names kept."""
+    try:
+        data = json.loads(_csv_text(json_path))
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"{json_path} line {error.lineno}: not valid JSON ({error.msg})") from None
+    if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= set(data):
+        raise DatasetError(f"{json_path}: a COCO file needs 'images', 'annotations' and 'categories'")
+    categories = {c["id"]: c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])}
+    records, problems, by_image = {}, [], {}
+    for image in data["images"]:
+        by_image[image["id"]] = _Record(image_dir / image["file_name"], [], json_path, f"image id {image['id']}",
+                                        (image.get("width"), image.get("height")))
+    for ann in data["annotations"]:
+        where = f"annotation id {ann.get('id')}"
+        record = by_image.get(ann.get("image_id"))
+        if record is None:
+            problems.append(_problem(json_path, where, f"unknown image_id {ann.get('image_id')}",
+                                     "add the image to 'images' or remove the annotation"))
+            continue
+        if ann.get("category_id") not in categories:
+            problems.append(_problem(json_path, where, f"unknown category_id {ann.get('category_id')} "
+                                     f"(known: {sorted(categories)})", "fix the id or add the category",
+                                     record.file.name))
+            continue
+        bbox = ann.get("bbox")
+        written = _number_list(bbox if isinstance(bbox, list) and len(bbox) == 4 else [bbox], where, problems,
+                               json_path)
+        if written is not None:  # COCO boxes are (x, y, width, height)
+            box = [written[0], written[1], written[0] + written[2], written[1] + written[3]]
+            record.objects.append(_Object(categories[ann["category_id"]], box, written,
+                                          bool(ann.get("iscrowd", 0)), where))
+    records = list(by_image.values())
+    return records, problems, tuple(categories.values())
+
+
+def _csv_records(csv_path, image_dir):
+    """Records of a CSV with the header image,class,xmin,ymin,xmax,ymax (pixels), one row per box."""
+    reader = csv.reader(io.StringIO(_csv_text(csv_path), newline=""))
+    header = next(reader, None)
+    if header is None or [h.strip() for h in header] != list(CSV_DATASET_HEADER):
+        raise DatasetError(f"{csv_path}: header must be {','.join(CSV_DATASET_HEADER)}, got {header}")
+    by_image, problems = {}, []
+    for row_number, row in enumerate(reader, start=2):
+        if not row:
+            continue
+        where = f"row {row_number}"
+        if len(row) != len(CSV_DATASET_HEADER):
+            problems.append(_problem(csv_path, where, f"expected 6 columns, got {len(row)}: {row}",
+                                     "one row per box: image,class,xmin,ymin,xmax,ymax"))
+            continue
+        name, fields = row[0].strip(), [field.strip() for field in row[1:]]
+        record = by_image.setdefault(name, _Record(image_dir / name, [], csv_path, where))
+        if all(field == "" for field in fields):
+            continue  # an image without objects
+        written = _number_list(fields[1:], where, problems, csv_path)
+        if written is not None:
+            record.objects.append(_Object(fields[0], written, written, False, where))
+    return list(by_image.values()), problems, None
+
+
+def _records(path, split, image_dir):
+    """(records, problems, class names or None) of a VOC folder, a COCO .json or a .csv file."""
+    path = pathlib.Path(path)
+    if path.is_dir() and (path / "Annotations").is_dir():
+        return _voc_records(path, split)
+    image_dir = pathlib.Path(image_dir) if image_dir is not None else path.parent
+    if path.suffix.lower() == ".json" and path.is_file():
+        return _coco_records(path, image_dir)
+    if path.suffix.lower() == ".csv" and path.is_file():
+        return _csv_records(path, image_dir)
+    raise DatasetError(f"{path}: expected a VOC folder (with Annotations/, JPEGImages/ and ImageSets/Main/), "
+                       "a COCO .json file or a .csv file")
+
+
+def _object_problem(obj, width, height, class_ids):
+    """(problem, fix) for one object in an image of width x height pixels (None: unreadable), or None."""
+    if obj.name not in class_ids:
+        return (f"unknown class name {obj.name!r} (known: {', '.join(class_ids)})",
+                "fix the name, or pass class_names with every class")
+    if not all(math.isfinite(v) for v in obj.written):
+        return f"box is not finite: {obj.written}", "fix the numbers"
+    xmin, ymin, xmax, ymax = obj.box
+    if all(0 <= v <= 1 for v in obj.written) and (width is None or max(width, height) > 2):
+        return (f"box {obj.written} looks normalised (0..1), but pixels are expected",
+                f"multiply x by the image width ({width}) and y by its height ({height})")
+    if xmax <= xmin or ymax <= ymin:
+        return f"box {obj.written} is empty or inverted", "need xmax > xmin and ymax > ymin"
+    if width is not None and (xmin < 0 or ymin < 0 or xmax > width or ymax > height):
+        return f"box {obj.written} lies outside the {width}x{height} image", "clip it to the image or fix it"
+    return None
+
+
+def _letterbox(pixels, size):
+    """(3, H, W) uint8 -> (3, size, size) uint8 with proportions kept, padded right and bottom; and the scale."""
+    height, width = pixels.shape[1:]
+    scale = size / max(height, width)
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    out = torch.tensor([round(v) for v in IMAGENET_MEAN], dtype=torch.uint8).view(3, 1, 1).repeat(1, size, size)
+    resized = pixels if (new_h, new_w) == (height, width) else F.interpolate(
+        pixels[None].float(), size=(new_h, new_w), mode="bilinear", antialias=True).round().clamp(0, 255)[0]
+    out[:, :new_h, :new_w] = resized.to(torch.uint8)
+    return out, (new_w / width, new_h / height)
+
+
+def _scan(records, class_names, size):
+    """Decode each image once, check every object, scale: (images, labels, difficult, files, problems)."""
+    class_ids = {name: i for i, name in enumerate(class_names)}
+    images, labels, difficult, files, problems = [], [], [], [], []
+    for record in records:
+        try:
+            pixels = open_image(record.file, "", exif="refuse")
+        except DatasetError as error:
+            problems.append(_problem(record.source, record.where, str(error).split(": ", 1)[-1],
+                                     "fix, replace or remove the image", record.file.name))
+            for obj in record.objects:  # what can be checked without the image
+                found = _object_problem(obj, None, None, class_ids)
+                if found is not None:
+                    problems.append(_problem(record.source, obj.where, *found, record.file.name))
+            continue
+        height, width = pixels.shape[1:]
+        if record.size and all(record.size) and tuple(record.size) != (width, height):
+            problems.append(_problem(record.source, record.where, f"the annotation says {record.size[0]}x"
+                                     f"{record.size[1]}, the image is {width}x{height}",
+                                     "check that the boxes belong to this image", record.file.name))
+        rows, flags = [], []
+        for obj in record.objects:
+            found = _object_problem(obj, width, height, class_ids)
+            if found is None and any(row[0] == class_ids[obj.name] and row[1:] == obj.box for row in rows):
+                found = f"duplicate box {obj.written}", "remove one of the two"
+            if found is not None:
+                problems.append(_problem(record.source, obj.where, *found, record.file.name))
+                continue
+            rows.append([class_ids[obj.name], *obj.box])
+            flags.append(obj.difficult)
+        image, (sx, sy) = _letterbox(pixels, size)
+        scale = torch.tensor([1.0, sx / size, sy / size, sx / size, sy / size])
+        labels.append(torch.tensor(rows, dtype=torch.float64).reshape(-1, 5) * scale.double())
+        images.append(image)
+        difficult.append(flags)
+        files.append(str(record.file))
+    return images, labels, difficult, files, problems
+
+
+def _class_names(records, names_from_file, class_names):
+    """The class names: given, else from the file (COCO), else every name used, sorted."""
+    if class_names is not None:
+        return tuple(class_names)
+    if names_from_file is not None:
+        return names_from_file
+    return tuple(sorted({obj.name for record in records for obj in record.objects}))
+
+
+def read_dataset(path, split="train", image_dir=None, class_names=None, size=256):
+    """Read a VOC folder, a COCO JSON file or a CSV file -> DetectionData. Introduced in 11_your_own_data.
+
+    path: a VOC folder (Annotations/*.xml, JPEGImages/, ImageSets/Main/<split>.txt;
+    the difficult flag is kept), a COCO ``.json`` (category ids become 0..K-1 in
+    id order; images without annotations are kept as negatives) or a ``.csv``
+    with the header image,class,xmin,ymin,xmax,ymax in pixels (a row with the
+    class and box empty: an image without objects). Image paths are relative to
+    the annotation file's folder unless ``image_dir`` is given. class_names:
+    the classes in id order (default: from the file, or every name used, sorted).
+    Data with any problem raise DatasetError; validate_dataset lists them all.
+    """
+    records, problems, names_from_file = _records(path, split, image_dir)
+    names = _class_names(records, names_from_file, class_names)
+    images, labels, difficult, files, found = _scan(records, names, size)
+    problems += found
+    if problems:
+        first = problems[0]
+        raise DatasetError(f"{path}: {len(problems)} problem(s), the first: {first['file']} {first['where']} "
+                           f"({first['image']}): {first['problem']}. See them all with H.validate_dataset({str(path)!r}"
+                           f"{', split=' + repr(split) if split != 'train' else ''}).")
+    if not images:
+        raise DatasetError(f"{path} lists no images")
+    width = max(1, max(len(lab) for lab in labels))
+    padded = torch.full((len(labels), width, 5), -1.0)
+    flags = torch.zeros(len(labels), width, dtype=torch.bool)
+    for i, (lab, flag) in enumerate(zip(labels, difficult)):
+        padded[i, :len(lab)] = lab.float()
+        flags[i, :len(flag)] = torch.tensor(flag, dtype=torch.bool)
+    return DetectionData(torch.stack(images), padded, flags, names, tuple(files))
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetReport:
+    """What validate_dataset found. Introduced in 11_your_own_data.
+
+    problems: one dict per problem (file, where, problem, fix); none means the
+    data can be trained on. classes: one dict per class (boxes, images, box
+    sides in model pixels, the share of boxes some anchor overlaps with IoU >= 0.5).
+    """
+    path: str
+    num_images: int
+    num_without_objects: int
+    problems: tuple
+    classes: tuple
+    anchor_sides: tuple
+
+    @property
+    def ok(self):
+        return not self.problems
+
+    def __str__(self):
+        lines = [f"{self.path}: {self.num_images} images, {self.num_without_objects} without objects, "
+                 f"{len(self.problems)} problem(s)"]
+        if self.problems:
+            lines.append(_text_table(self.problems))
+        lines.append("\nper class (box side = sqrt(width x height) in the model's pixels):")
+        lines.append(_text_table([{key: f"{value:.2f}" if isinstance(value, float) else value
+                                   for key, value in row.items()} for row in self.classes]))
+        lines.append("anchor sides of the model (px): " + ", ".join(f"{side:.0f}" for side in self.anchor_sides))
+        return "\n".join(lines)
+
+
+def _text_table(rows):
+    """Rows (dicts with the same keys) as a left-aligned text table."""
+    keys = list(rows[0])
+    widths = [max(len(str(key)), *(len(str(row[key])) for row in rows)) for key in keys]
+    lines = ["  ".join(str(key).ljust(w) for key, w in zip(keys, widths)).rstrip()]
+    lines += ["  ".join(str(row[key]).ljust(w) for key, w in zip(keys, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def _class_summary(labels, class_names, config, size):
+    """Per-class counts, box sides and anchor coverage for validate_dataset's report."""
+    with torch.no_grad():
+        anchors = TinySSD(config)(torch.zeros(1, 3, size, size))[0][0]  # (A, 4)
+    rows = []
+    for class_id, name in enumerate(class_names):
+        per_image = [lab[lab[:, 0] == class_id, 1:].float() for lab in labels]
+        boxes = torch.cat(per_image) if per_image else torch.zeros(0, 4)
+        sides = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sqrt() * size
+        matched = (box_iou(boxes, anchors).max(dim=1).values >= 0.5).float().mean() if len(boxes) else math.nan
+        rows.append({"class": name, "boxes": len(boxes), "images": sum(len(b) > 0 for b in per_image),
+                     "smallest px": sides.min().item() if len(boxes) else math.nan,
+                     "median px": sides.median().item() if len(boxes) else math.nan,
+                     "largest px": sides.max().item() if len(boxes) else math.nan,
+                     "anchor IoU >= 0.5": float(matched)})
+    return tuple(rows)
+
+
+def validate_dataset(path, split="train", image_dir=None, class_names=None, size=256, config=None):
+    """Check a dataset before training and report every problem at once. Introduced in 11_your_own_data.
+
+    Same arguments as read_dataset; config: the SSDConfig whose anchors the
+    boxes are compared with (default: default_config). Decodes each image once.
+    Returns a DatasetReport: ``print(report)`` shows a table with the file, the
+    row or object, what is wrong and what to do, then per-class box counts and
+    sizes against the anchor sizes.
+    """
+    records, problems, names_from_file = _records(path, split, image_dir)
+    names = _class_names(records, names_from_file, class_names)
+    _, labels, _, _, found = _scan(records, names, size)
+    config = config or default_config(num_classes=max(1, len(names)))
+    sides = sorted({round(s * size) for scale in config.sizes for s in scale})
+    return DatasetReport(str(path), len(records), sum(len(lab) == 0 for lab in labels), tuple(problems + found),
+                         _class_summary(labels, names, config, size), tuple(sides))
+
+
+def export_dataset(root, fmt, splits, class_names):
+    """Write in-memory splits as a VOC folder, COCO JSON files or CSV files. Introduced in 11_your_own_data.
+
+    splits: {split name: (images uint8 (N, 3, H, W), labels (N, G, 5) normalised)};
+    boxes are rounded to whole pixels. fmt "voc": root/Annotations/<id>.xml,
+    JPEGImages/<id>.png, ImageSets/Main/<split>.txt. "coco": root/<split>.json
+    and root/images/. "csv": root/<split>.csv and root/images/. Written
+    atomically; an existing folder is replaced only if the series made it.
+    """
+    digest = hashlib.sha256(repr(class_names).encode())
+    for images, labels in splits.values():
+        digest.update(images.numpy().tobytes())
+        digest.update(labels.numpy().tobytes())
+    writer = {"voc": _write_voc, "coco": _write_coco, "csv": _write_csv_dataset}[fmt]
+
+    def write(tmp):
+        for split, (images, labels) in splits.items():
+            (tmp / ("JPEGImages" if fmt == "voc" else "images")).mkdir(exist_ok=True)
+            writer(tmp, split, images, labels, class_names)
+    params = dict(kind=f"{fmt}-export", version=FORMAT_VERSION, content=digest.hexdigest()[:16])
+    return build_atomically(root, params, write)
+
+
+def _pixel_objects(image, label):
+    """(image (H, W, 3) uint8 numpy, [(class id, xmin, ymin, xmax, ymax) in whole pixels])."""
+    height, width = image.shape[1:]
+    rows = label[label[:, 0] >= 0]
+    boxes = (rows[:, 1:] * torch.tensor([width, height, width, height])).round().long()
+    return image.permute(1, 2, 0).numpy(), [(int(c), *b) for c, b in zip(rows[:, 0].tolist(), boxes.tolist())]
+
+
+def _write_voc(root, split, images, labels, class_names):
+    (root / "Annotations").mkdir(exist_ok=True)
+    (root / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
+    ids = [f"{split}_{i:06d}" for i in range(len(images))]
+    for image_id, image, label in zip(ids, images, labels):
+        pixels, objects = _pixel_objects(image, label)
+        Image.fromarray(pixels).save(root / "JPEGImages" / f"{image_id}.png", compress_level=PNG_COMPRESSION)
+        xml = [f"<annotation><filename>{image_id}.png</filename><size><width>{pixels.shape[1]}</width>"
+               f"<height>{pixels.shape[0]}</height><depth>3</depth></size>"]
+        for class_id, xmin, ymin, xmax, ymax in objects:  # VOC: 1-based, xmax is the last pixel inside
+            xml.append(f"<object><name>{class_names[class_id]}</name><difficult>0</difficult><bndbox>"
+                       f"<xmin>{xmin + 1}</xmin><ymin>{ymin + 1}</ymin><xmax>{xmax}</xmax><ymax>{ymax}</ymax>"
+                       "</bndbox></object>")
+        (root / "Annotations" / f"{image_id}.xml").write_text("".join(xml) + "</annotation>\n")
+    (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+
+
+def _write_coco(root, split, images, labels, class_names):
+    coco = {"images": [], "annotations": [],
+            "categories": [{"id": i + 1, "name": name} for i, name in enumerate(class_names)]}
+    for index, (image, label) in enumerate(zip(images, labels)):
+        pixels, objects = _pixel_objects(image, label)
+        name = f"images/{split}_{index:06d}.png"
+        Image.fromarray(pixels).save(root / name, compress_level=PNG_COMPRESSION)
+        coco["images"].append({"id": index + 1, "file_name": name, "width": pixels.shape[1],
+                               "height": pixels.shape[0]})
+        for class_id, xmin, ymin, xmax, ymax in objects:
+            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": index + 1,
+                                        "category_id": class_id + 1, "iscrowd": 0,
+                                        "bbox": [xmin, ymin, xmax - xmin, ymax - ymin],
+                                        "area": (xmax - xmin) * (ymax - ymin)})
+    (root / f"{split}.json").write_text(json.dumps(coco))
+
+
+def _write_csv_dataset(root, split, images, labels, class_names):
+    rows = [CSV_DATASET_HEADER]
+    for index, (image, label) in enumerate(zip(images, labels)):
+        pixels, objects = _pixel_objects(image, label)
+        name = f"images/{split}_{index:06d}.png"
+        Image.fromarray(pixels).save(root / name, compress_level=PNG_COMPRESSION)
+        rows += [(name, class_names[c], *box) for c, *box in objects] or [(name, "", "", "", "", "")]
+    with open(root / f"{split}.csv", "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows(rows)
+
+
+# 11b. Detection on a folder of photos, from a notebook or the shell
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+DETECT_MANIFEST = ".tinyssd-detect"  # lists the files detect_folder wrote, which it may replace
+
+
+def _image_files(sources):
+    """Image files from paths and folders (a folder's images in name order)."""
+    files = []
+    for source in map(pathlib.Path, sources):
+        if source.is_dir():
+            files += sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            files.append(source)
+    return files
+
+
+def draw_detections(pixels, detections, class_names=None):
+    """A PIL copy of uint8 (3, H, W) pixels with detections (k, 6) drawn and labelled."""
+    image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+    draw = ImageDraw.Draw(image)
+    colours = ((255, 255, 255), (0, 200, 255), (255, 220, 0), (255, 0, 200))
+    for class_id, score, *box in detections.tolist():
+        name = _class_name(class_names, class_id)
+        colour = colours[int(class_id) % len(colours)]
+        draw.rectangle(box, outline=colour, width=2)
+        draw.text((box[0] + 3, box[1] + 2), f"{name} {score:.2f}", fill=colour)
+    return image
+
+
+def _class_name(class_names, class_id):
+    return class_names[int(class_id)] if class_names and int(class_id) < len(class_names) else f"class {int(class_id)}"
+
+
+def detect_folder(net, sources, out_dir, class_names=None, threshold=0.5, echo=None):
+    """Detect on image files and folders; save drawn copies and detections.csv. Introduced in 11_your_own_data.
+
+    Writes out_dir/<name>_detections.png per image and out_dir/detections.csv
+    (image, class, score, xmin, ymin, xmax, ymax in the image's pixels). A file
+    in out_dir that detect_folder did not write is never replaced: FileExistsError.
+    An unreadable image is reported (echo) and skipped. Returns the CSV rows.
+    """
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = out_dir / DETECT_MANIFEST
+    ours = set(manifest.read_text().split("\n")) if manifest.is_file() else set()
+    files = _image_files(sources)
+    names = [f"{path.stem}_detections.png" for path in files]
+    names = [name if names.count(name) == 1 else f"{path.parent.name}_{name}" for name, path in zip(names, files)]
+    for name in [*names, "detections.csv"]:
+        if (out_dir / name).exists() and name not in ours:
+            raise FileExistsError(f"{out_dir / name} exists and was not written by detect_folder; nothing was "
+                                  "written. Choose another output folder.")
+    manifest.write_text("\n".join(sorted(ours | {*names, "detections.csv"})) + "\n")
+    rows = []
+    for path, name in zip(tqdm.auto.tqdm(files, desc="detecting", disable=echo is not None), names):
+        try:
+            pixels = open_image(path, str(path), exif="apply")
+        except DatasetError as error:
+            (echo or print)(f"skipped: {error}")
+            continue
+        detections = detect(net, pixels, threshold)
+        draw_detections(pixels, detections, class_names).save(out_dir / name)
+        for class_id, score, *box in detections.tolist():
+            rows.append([str(path), _class_name(class_names, class_id), f"{score:.3f}", *(f"{v:.1f}" for v in box)])
+            if echo is not None:
+                echo(f"{path}\t{rows[-1][1]}\t{score:.2f}\t" + " ".join(rows[-1][3:]))
+    with open(out_dir / "detections.csv", "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows([("image", "class", "score", *CSV_DATASET_HEADER[2:]), *rows])
+    return rows
+
+
+def main(argv=None):
+    """The shell commands: ``python -m ssd_helpers detect MODEL IMAGES... --out DIR`` and ``validate PATH``."""
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(prog="python -m ssd_helpers", description="TinySSD from the shell.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("detect", help="detect objects in images and folders with a trained model")
+    run.add_argument("model", help="a checkpoint saved by train_ssd or save_checkpoint")
+    run.add_argument("images", nargs="+", help="image files or folders of images")
+    run.add_argument("--out", required=True, help="folder for the drawn images and detections.csv")
+    run.add_argument("--threshold", type=float, default=0.5, help="lowest score to keep (default 0.5)")
+    check = commands.add_parser("validate", help="report every problem of a VOC, COCO or CSV dataset")
+    check.add_argument("path", help="a VOC folder, a COCO .json or a .csv")
+    check.add_argument("--split", default="train", help="VOC split (default train)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "detect":
+            net, config = load_model(args.model)
+            rows = detect_folder(net, args.images, args.out, config.class_names, args.threshold, echo=print)
+            print(f"{len(rows)} detections; drawn images and detections.csv in {args.out}", file=sys.stderr)
+        else:
+            report = validate_dataset(args.path, split=args.split)
+            print(report)
+            return 0 if report.ok else 1
+    except (DatasetError, CheckpointError, FileExistsError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

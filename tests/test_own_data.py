@@ -1,0 +1,226 @@
+"""Your own data (notebook 11): VOC, COCO and CSV readers, the validation report, detect_folder and the shell."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ssd_helpers as H
+
+NAMES = ("banana", "orange")
+
+
+@pytest.fixture(scope="module")
+def fruit(tmp_path_factory):
+    root = H.generate_fruit_detection(tmp_path_factory.mktemp("f") / "fruit", num_train=16, num_val=6)
+    return {split: H.read_detection_folder(root / f"fruit_{split}", num_classes=2) for split in ("train", "val")}
+
+
+@pytest.fixture(scope="module")
+def exported(fruit, tmp_path_factory):
+    base = tmp_path_factory.mktemp("exports")
+    return {fmt: H.export_dataset(base / fmt, fmt, fruit, NAMES) for fmt in ("voc", "coco", "csv")}
+
+
+def path_of(exported, fmt, split):
+    return {"voc": exported["voc"], "coco": exported["coco"] / f"{split}.json",
+            "csv": exported["csv"] / f"{split}.csv"}[fmt]
+
+
+@pytest.mark.parametrize("fmt", ["voc", "coco", "csv"])
+def test_every_format_reads_back_to_the_native_labels(fruit, exported, fmt):
+    for split in ("train", "val"):
+        data = H.read_dataset(path_of(exported, fmt, split), split=split)
+        assert data.class_names == NAMES
+        assert torch.equal(data.images, fruit[split][0]) and torch.equal(data.labels, fruit[split][1])
+        assert data.difficult.shape == data.labels.shape[:2] and not data.difficult.any()
+
+
+def test_training_from_any_format_is_training_from_the_native_reader(fruit, exported):
+    histories = []
+    for source in ("native", "voc", "csv"):
+        data = fruit["train"]
+        if source != "native":
+            read = H.read_dataset(path_of(exported, source, "train"))
+            data = (read.images, read.labels)
+        H.set_seed(0)
+        net = H.TinySSD(H.default_config(class_names=NAMES))
+        histories.append(H.train_ssd(net, data, H.TrainConfig(epochs=1, batch_size=8, bf16="off"),
+                                     torch.device("cpu"), progress=False)["loss"])
+    assert histories[0] == histories[1] == histories[2]
+
+
+def test_voc_keeps_difficult_and_counts_pixels_from_one(tmp_path):
+    root = tmp_path / "voc"
+    for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / folder).mkdir(parents=True)
+    Image.new("RGB", (200, 100), (90, 90, 90)).save(root / "JPEGImages" / "a.jpg")
+    (root / "Annotations" / "a.xml").write_text(
+        "<annotation><filename>a.jpg</filename><size><width>200</width><height>100</height></size>"
+        "<object><name>cat</name><difficult>1</difficult><bndbox><xmin>1</xmin><ymin>11</ymin><xmax>50</xmax>"
+        "<ymax>60</ymax></bndbox></object></annotation>")
+    (root / "ImageSets" / "Main" / "train.txt").write_text("a\n")
+    data = H.read_dataset(root)
+    assert data.class_names == ("cat",) and data.difficult[0, 0]
+    # 200x100 is scaled to 256x128 and padded below: x by 256/200, y by 128/100, both then / 256
+    torch.testing.assert_close(data.labels[0, 0], torch.tensor([0, 0 / 200, 10 / 200, 50 / 200, 60 / 200]))
+    assert data.images.shape == (1, 3, 256, 256)
+    assert (data.images[0, :, 128:] == torch.tensor([124, 116, 104]).view(3, 1, 1)).all()  # the padding
+
+
+def test_coco_maps_category_ids_and_keeps_negatives(tmp_path):
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (64, 64)).save(tmp_path / name)
+    coco = {"images": [{"id": 10, "file_name": "a.png", "width": 64, "height": 64},
+                       {"id": 11, "file_name": "b.png", "width": 64, "height": 64}],
+            "categories": [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}],
+            "annotations": [{"id": 1, "image_id": 10, "category_id": 7, "bbox": [4, 8, 20, 10], "iscrowd": 1}]}
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    data = H.read_dataset(tmp_path / "ann.json")
+    assert data.class_names == ("cat", "dog")  # category ids 3, 7 -> 0, 1
+    torch.testing.assert_close(data.labels[0, 0], torch.tensor([1, 4 / 64, 8 / 64, 24 / 64, 18 / 64]))
+    assert (data.labels[1] == -1).all() and data.difficult[0, 0]  # b.png: a negative image
+
+
+def broken_csv(exported, tmp_path):
+    import shutil
+    folder = tmp_path / "broken"
+    shutil.copytree(exported["csv"], folder)
+    path = folder / "val.csv"
+    lines = path.read_text().splitlines()
+    name = lambda row: lines[row - 1].split(",")[0]  # noqa: E731
+    lines[1] = f"{name(2)},banana,50,50,40,60"
+    lines[2] = f"{name(3)},banan,10,10,40,60"
+    lines[3] = f"{name(4)},orange,0.1,0.1,0.5,0.5"
+    lines[4] = f"{name(5)},orange,10,10,400,60"
+    lines.append(lines[5])
+    lines.append("images/missing.png,banana,1,1,20,20")
+    (folder / name(len(lines) - 2)).write_bytes(b"not an image")  # an image none of the edited rows are in
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_the_report_lists_every_problem_at_once(exported, tmp_path):
+    path = broken_csv(exported, tmp_path)
+    report = H.validate_dataset(path, class_names=NAMES)
+    problems = [(p["where"], p["problem"].split(" ")[0]) for p in report.problems]
+    expected = {"row 2": "box", "row 3": "unknown", "row 4": "box", "row 5": "box"}
+    for where, word in expected.items():
+        assert (where, word) in problems, (where, problems)
+    kinds = " ".join(p["problem"] for p in report.problems)
+    for phrase in ("empty or inverted", "unknown class name 'banan'", "looks normalised", "outside the 256x256",
+                   "duplicate box", "cannot decode", "missing.png is missing"):
+        assert phrase in kinds
+    assert not report.ok and all(p["fix"] for p in report.problems)
+    text = str(report)
+    assert "7 problem(s)" in text and "anchor IoU >= 0.5" in text and "banana" in text
+    with pytest.raises(H.DatasetError, match=r"7 problem\(s\).*row 2.*H.validate_dataset"):
+        H.read_dataset(path, class_names=NAMES)
+
+
+def test_the_report_counts_empty_images_and_compares_sizes_with_anchors(exported):
+    report = H.validate_dataset(exported["csv"] / "train.csv")
+    assert report.ok and report.num_images == 16
+    assert report.num_without_objects == sum(1 for line in (exported["csv"] / "train.csv").read_text().splitlines()
+                                             if line.endswith(",,,,,"))
+    banana = next(row for row in report.classes if row["class"] == "banana")
+    assert 25 <= banana["smallest px"] <= banana["median px"] <= banana["largest px"] <= 80
+    assert 0 < banana["anchor IoU >= 0.5"] <= 1 and report.anchor_sides[0] == 51
+
+
+def test_other_broken_formats(tmp_path, exported):
+    import shutil
+    voc = tmp_path / "voc"
+    shutil.copytree(exported["voc"], voc)
+    first = sorted((voc / "Annotations").iterdir())[0]
+    first.write_text("<annotation><object>")
+    second = sorted((voc / "Annotations").iterdir())[1]
+    second.write_text(second.read_text().replace("<width>256</width>", "<width>300</width>"))
+    report = H.validate_dataset(voc, split="train")
+    texts = [(p["file"], p["problem"]) for p in report.problems]
+    assert any(f == str(first) and "not valid XML" in t for f, t in texts)
+    assert any(f == str(second) and "says 300x256, the image is 256x256" in t for f, t in texts)
+    coco = json.loads((exported["coco"] / "val.json").read_text())
+    coco["annotations"][0]["category_id"] = 99
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    (tmp_path / "images").symlink_to(exported["coco"] / "images")
+    report = H.validate_dataset(tmp_path / "c.json")
+    assert [p["problem"][:26] for p in report.problems] == ["unknown category_id 99 (kn"]
+    with pytest.raises(H.DatasetError, match="a COCO .json file or a .csv file"):
+        H.validate_dataset(tmp_path / "nothing.txt")
+
+
+def test_each_image_is_decoded_once(exported, monkeypatch):
+    opened = []
+    real = H.open_image
+    monkeypatch.setattr(H, "open_image", lambda path, *a, **k: opened.append(path) or real(path, *a, **k))
+    H.validate_dataset(exported["csv"] / "train.csv")
+    assert len(opened) == len(set(opened)) == 16
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("m") / "model.pt"
+    H.set_seed(0)
+    H.save_checkpoint(path, H.TinySSD(H.default_config(class_names=NAMES)))
+    return path
+
+
+def test_class_names_travel_with_the_model(model):
+    net, config = H.load_model(model)
+    assert config.class_names == NAMES and net.config.num_classes == 2
+    with pytest.raises(ValueError, match="class_names for num_classes"):
+        H.TinySSD(H.SSDConfig(num_classes=3, class_names=NAMES))
+
+
+def test_detect_folder_writes_drawn_images_and_a_csv_but_never_over_a_users_file(model, exported, tmp_path):
+    net, config = H.load_model(model)
+    images = exported["csv"] / "images"
+    rows = H.detect_folder(net, [images], tmp_path / "out", config.class_names, threshold=0.0)
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert "detections.csv" in written and sum(name.endswith("_detections.png") for name in written) == 22
+    assert rows and {row[1] for row in rows} <= set(NAMES)
+    H.detect_folder(net, [images], tmp_path / "out", config.class_names)  # its own files: replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "detections.csv").write_text("my numbers")
+    with pytest.raises(FileExistsError, match="not written by detect_folder"):
+        H.detect_folder(net, [images], tmp_path / "mine", config.class_names)
+    assert (tmp_path / "mine" / "detections.csv").read_text() == "my numbers"
+
+
+def test_the_shell_command(model, exported, tmp_path):
+    images = sorted((exported["csv"] / "images").iterdir())[:2]
+    (tmp_path / "broken.png").write_bytes(b"nope")
+    command = [sys.executable, "-m", "ssd_helpers", "detect", str(model), *map(str, images),
+               str(tmp_path / "broken.png"), "--out", str(tmp_path / "out"), "--threshold", "0.0"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert any(line.startswith("skipped:") and "broken.png" in line for line in lines)
+    first = next(line for line in lines if not line.startswith("skipped"))
+    path, name, score, box = first.split("\t")
+    assert path == str(images[0]) and name in NAMES and 0 <= float(score) <= 1 and len(box.split()) == 4
+    assert (tmp_path / "out" / f"{images[0].stem}_detections.png").is_file()
+    bad = subprocess.run([sys.executable, "-m", "ssd_helpers", "detect", str(tmp_path / "broken.png"),
+                          str(images[0]), "--out", str(tmp_path / "o2")], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+    check = subprocess.run([sys.executable, "-m", "ssd_helpers", "validate", str(exported["csv"] / "val.csv")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0 and "0 problem(s)" in check.stdout
+
+
+def test_exif_rotated_and_16_bit_images_in_a_csv(tmp_path):
+    grey = (np.arange(64 * 48).reshape(48, 64) * 20).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / "deep.png")
+    photo = Image.new("RGB", (64, 48))
+    exif = photo.getexif()
+    exif[H.EXIF_ORIENTATION] = 6
+    photo.save(tmp_path / "turned.jpg", exif=exif)
+    (tmp_path / "l.csv").write_text("image,class,xmin,ymin,xmax,ymax\ndeep.png,a,1,1,30,30\n"
+                                    "turned.jpg,a,1,1,30,30\n")
+    report = H.validate_dataset(tmp_path / "l.csv")
+    assert [p["image"] for p in report.problems] == ["turned.jpg"]
+    assert "EXIF orientation 6" in report.problems[0]["problem"]
