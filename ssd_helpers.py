@@ -3246,6 +3246,10 @@ def _coco_records(json_path, image_dir):
     if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= set(data):
         raise DatasetError(f"{json_path}: a COCO file needs 'images', 'annotations' and 'categories'")
     categories = {c["id"]: c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])}
+    names = list(categories.values())
+    if len(set(names)) != len(names):
+        twice = sorted({name for name in names if names.count(name) > 1})
+        raise DatasetError(f"{json_path}: several categories share the name(s) {twice}: give each its own name")
     records, problems, by_image = {}, [], {}
     for image in data["images"]:
         by_image[image["id"]] = _Record(image_dir / image["file_name"], [], json_path, f"image id {image['id']}",
@@ -3350,8 +3354,10 @@ def _scan(records, class_names, size):
         try:
             pixels = open_image(record.file, "", exif="refuse")
         except DatasetError as error:
-            problems.append(_problem(record.source, record.where, str(error).split(": ", 1)[-1],
-                                     "fix, replace or remove the image", record.file.name))
+            text = str(error).split(": ", 1)[-1].replace(str(record.file), record.file.name)
+            fix = "fix, replace or remove the image" if record.file.is_file() else \
+                "check the path; for COCO and CSV, pass image_dir= if the images are elsewhere"
+            problems.append(_problem(record.source, record.where, text, fix, record.file.name))
             for obj in record.objects:  # what can be checked without the image
                 found = _object_problem(obj, None, None, class_ids)
                 if found is not None:

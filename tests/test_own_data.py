@@ -224,3 +224,33 @@ def test_exif_rotated_and_16_bit_images_in_a_csv(tmp_path):
     report = H.validate_dataset(tmp_path / "l.csv")
     assert [p["image"] for p in report.problems] == ["turned.jpg"]
     assert "EXIF orientation 6" in report.problems[0]["problem"]
+
+
+def test_coco_categories_with_the_same_name_are_refused(tmp_path):
+    coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "cat"}]}
+    (tmp_path / "a.json").write_text(json.dumps(coco))
+    with pytest.raises(H.DatasetError, match=r"share the name\(s\) \['cat'\]"):
+        H.read_dataset(tmp_path / "a.json")
+
+
+def test_images_elsewhere_are_found_with_image_dir(exported, tmp_path):
+    coco = json.loads((exported["coco"] / "val.json").read_text())
+    for image in coco["images"]:
+        image["file_name"] = image["file_name"].split("/")[-1]  # bare names, as many tools write them
+    (tmp_path / "val.json").write_text(json.dumps(coco))
+    report = H.validate_dataset(tmp_path / "val.json")
+    assert len(report.problems) == 6 and "pass image_dir=" in report.problems[0]["fix"]
+    data = H.read_dataset(tmp_path / "val.json", image_dir=exported["coco"] / "images")
+    assert torch.equal(data.labels, H.read_dataset(exported["coco"] / "val.json").labels)
+
+
+def test_own_data_checkpoint_names_its_detections(exported, tmp_path):
+    train = H.read_dataset(exported["voc"], split="train")
+    H.set_seed(0)
+    net = H.TinySSD(H.default_config(class_names=train.class_names))
+    H.train_ssd(net, (train.images, train.labels), H.TrainConfig(epochs=1, batch_size=8, bf16="off"),
+                torch.device("cpu"), checkpoint=tmp_path / "m.pt", progress=False)
+    loaded, config = H.load_model(tmp_path / "m.pt")
+    assert config.class_names == NAMES
+    found = H.detect(loaded, train.images[0], threshold=0.0)
+    assert {config.class_names[int(c)] for c in found[:, 0]} <= set(NAMES)
