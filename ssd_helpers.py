@@ -2037,7 +2037,7 @@ class TrainConfig:
     """Hyper-parameters of ``train_ssd``. Introduced in 07_training.
 
     The defaults are the recipe measured best here (notebook 07 shows the
-    evidence); ``TrainConfig.seed_recipe()`` is the book's.
+    evidence); ``TrainConfig.book_recipe()`` is the book's.
     """
     epochs: int = 20
     batch_size: int = 32
@@ -2060,7 +2060,7 @@ class TrainConfig:
     seed: int = 0
 
     @classmethod
-    def seed_recipe(cls, **overrides):
+    def book_recipe(cls, **overrides):
         """The book's recipe: constant lr 0.2, every anchor in the loss, no flips."""
         book = dict(lr=0.2, warmup_epochs=0.0, schedule="constant", neg_ratio=0.0, loss_norm="anchors",
                     hflip=False)
@@ -2078,9 +2078,9 @@ def default_config(num_classes=1, class_names=None):
                      class_names=class_names)
 
 
-def default_checkpoint():
-    """Where notebook 07 saves the default model; fast mode uses its own file."""
-    return DATA_DIR / ("tinyssd_bananas_fast.pt" if fast_mode() else "tinyssd_bananas.pt")
+def default_checkpoint(fast=False):
+    """Where notebook 07 saves the default model; ``fast=True`` (pass fast_mode()): the short run's own file."""
+    return DATA_DIR / ("tinyssd_bananas_fast.pt" if fast else "tinyssd_bananas.pt")
 
 
 def batches(images, labels, batch_size, generator=None, shuffle=True):
@@ -2340,79 +2340,89 @@ def train_ssd(net, train_data, config, device, val_data=None, checkpoint=None,
     the images (their index in train_data); the model is left as it was
     before that batch.
     """
-    bad = [name for name, value in net.state_dict().items()
-           if value.is_floating_point() and not torch.isfinite(value).all()]
-    if bad:
-        raise FloatingPointError(f"the model already holds NaN or inf (in {bad[0]}) before training: start from a "
-                                 "new TinySSD or reload a checkpoint with load_model")
-    check_images(train_data[0], "train_data")
-    check_labels(train_data[1], net.config.num_classes, "train_data")
-    if val_data is not None:
-        check_images(val_data[0], "val_data")
-        check_labels(val_data[1], net.config.num_classes, "val_data")
-    use_bf16, use_cl = pick_precision(device, config.bf16, config.channels_last)
-    net.to(device, memory_format=torch.channels_last if use_cl else torch.contiguous_format)
+    _check_before_training(net, train_data, val_data)
+    precision = pick_precision(device, config.bf16, config.channels_last)  # (use_bf16, use_channels_last)
+    net.to(device, memory_format=torch.channels_last if precision[1] else torch.contiguous_format)
     optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
-    images, labels = train_data
-    transform = ssd_augmentation(size=images.shape[-1]) if config.augment else None
-    steps_per_epoch = math.ceil(len(images) / config.batch_size)
-    total_steps, step = steps_per_epoch * config.epochs, 0
+    transform = ssd_augmentation(size=train_data[0].shape[-1]) if config.augment else None
     history = {key: [] for key in ("loss", "cls_err", "fg_err", "bbox_mae", "lr", "time",
                                    "examples_per_s", "AP50", "AP")}
-    history.update(bf16=use_bf16, channels_last=use_cl, device=str(device))
-    bar = tqdm.auto.tqdm(total=total_steps, desc="training", disable=not progress)
-    for epoch in range(config.epochs):
-        net.train()
-        start = time.perf_counter()
-        sums = dict.fromkeys(("loss", "cls_wrong", "anchors", "fg_wrong", "fg_anchors",
-                              "bbox_abs", "bbox_values"), 0)
-        for batch, (idx, X, Y) in enumerate(batches(images, labels, config.batch_size, generator)):
-            if config.augment:
-                X, Y = augment_batch(transform, X, Y, generator)
-            elif config.hflip:
-                X, Y = hflip_batch(X, Y, generator)
-            lr = lr_at(step, total_steps, steps_per_epoch, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            try:
-                loss, counts = train_step(net, optimizer, X, Y, config, device, use_bf16, use_cl, ids=idx)
-            except FloatingPointError as error:
-                bar.close()
-                raise FloatingPointError(
-                    f"epoch {epoch + 1}, batch {batch + 1} (lr {lr:.3g}): {error} (indices into train_data). "
-                    "The model is left as it was before this batch. The images and labels passed the checks, "
-                    "so the likely cause is a learning rate too high for this loss: lower config.lr.") from None
-            for key, value in counts.items():
-                sums[key] += value
-            sums["loss"] += loss * len(X)
-            step += 1
-            bar.update(1)
-        row = _epoch_summary(sums, len(images), time.perf_counter() - start, lr)
-        ap = evaluate_map(detect_images(net, val_data[0]), val_data[1]) if val_data is not None else {}
-        row.update(AP50=ap.get("AP50_voc"), AP=ap.get("AP"))
-        for key in row:
-            history[key].append(row[key])
-        bar.set_postfix(loss=f"{row['loss']:.3g}", ex_per_s=f"{row['examples_per_s']:.0f}",
-                        **({"AP50": f"{row['AP50']:.3f}"} if ap else {}))
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, history)
-    bar.close()
+    history.update(bf16=precision[0], channels_last=precision[1], device=str(device))
+    total = math.ceil(len(train_data[0]) / config.batch_size) * config.epochs
+    with tqdm.auto.tqdm(total=total, desc="training", disable=not progress) as bar:
+        for epoch in range(config.epochs):
+            start = time.perf_counter()
+            sums, lr = _train_epoch(net, optimizer, train_data, config, device, epoch, generator, transform,
+                                    precision, bar)
+            row = _epoch_summary(sums, len(train_data[0]), time.perf_counter() - start, lr)
+            ap = {} if val_data is None else evaluate_map(
+                detect_images(net, val_data[0], bf16=config.bf16, channels_last=config.channels_last), val_data[1])
+            row.update(AP50=ap.get("AP50_voc"), AP=ap.get("AP"))
+            for key in row:
+                history[key].append(row[key])
+            bar.set_postfix(loss=f"{row['loss']:.3g}", ex_per_s=f"{row['examples_per_s']:.0f}",
+                            **({"AP50": f"{row['AP50']:.3f}"} if ap else {}))
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, history)
     if checkpoint is not None:
         save_checkpoint(checkpoint, net, train_config=dataclasses.asdict(config), history=per_epoch(history))
     return history
 
 
+def _check_before_training(net, train_data, val_data):
+    """Refuse a model that already holds NaN, and data that fail check_images or check_labels."""
+    bad = [name for name, value in net.state_dict().items()
+           if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise FloatingPointError(f"the model already holds NaN or inf (in {bad[0]}) before training: start from a "
+                                 "new TinySSD or reload a checkpoint with load_model")
+    for name, data in (("train_data", train_data), ("val_data", val_data)):
+        if data is not None:
+            check_images(data[0], name)
+            check_labels(data[1], net.config.num_classes, name)
+
+
+def _train_epoch(net, optimizer, train_data, config, device, epoch, generator, transform, precision, bar):
+    """One shuffled pass over train_data: (summed batch_metrics and loss, the last learning rate)."""
+    images, labels = train_data
+    steps_per_epoch = math.ceil(len(images) / config.batch_size)
+    net.train()
+    sums = dict.fromkeys(("loss", "cls_wrong", "anchors", "fg_wrong", "fg_anchors", "bbox_abs", "bbox_values"), 0)
+    for batch, (idx, X, Y) in enumerate(batches(images, labels, config.batch_size, generator)):
+        if transform is not None:
+            X, Y = augment_batch(transform, X, Y, generator)
+        elif config.hflip:
+            X, Y = hflip_batch(X, Y, generator)
+        lr = lr_at(epoch * steps_per_epoch + batch, steps_per_epoch * config.epochs, steps_per_epoch, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        try:
+            loss, counts = train_step(net, optimizer, X, Y, config, device, *precision, ids=idx)
+        except FloatingPointError as error:
+            raise FloatingPointError(
+                f"epoch {epoch + 1}, batch {batch + 1} (lr {lr:.3g}): {error} (indices into train_data). "
+                "The model is left as it was before this batch. The images and labels passed the checks, "
+                "so the likely cause is a learning rate too high for this loss: lower config.lr.") from None
+        for key, value in counts.items():
+            sums[key] += value
+        sums["loss"] += loss * len(X)
+        bar.update(1)
+    return sums, lr
+
+
 @torch.no_grad()
-def detect_images(net, images, batch_size=50, pos_threshold=0.01, nms_threshold=0.5):
+def detect_images(net, images, batch_size=50, pos_threshold=0.01, nms_threshold=0.5, bf16="auto",
+                  channels_last="auto"):
     """Detections for images (N, 3, H, W) at the model's size. Introduced in 07_training.
 
     Returns a list of N tensors (k, 6): rows (class, score, xmin, ymin, xmax, ymax),
-    boxes normalised to 0..1, class -1 rows dropped. bf16 and channels_last as in training.
+    boxes normalised to 0..1, class -1 rows dropped. bf16 and channels_last as
+    in pick_precision; train_ssd passes its TrainConfig's.
     """
     device = next(net.parameters()).device
-    use_bf16, use_cl = pick_precision(device)
+    use_bf16, use_cl = pick_precision(device, bf16, channels_last)
     net.eval()
     out = []
     for i in range(0, len(images), batch_size):
@@ -2468,21 +2478,21 @@ def live_plot():
     return redraw
 
 
-def train_default_model(path=None, device=None, epochs=None, progress=True):
+def train_default_model(path=None, device=None, epochs=None, progress=True, fast=False):
     """Train the default recipe on the default banana data and save it. Introduced in 07_training.
 
-    Fast mode trains on 128 images for 2 epochs (unless ``epochs`` is given).
-    Returns the history.
+    ``fast=True`` (pass fast_mode()) trains on 128 images for 2 epochs (unless
+    ``epochs`` is given) and saves to default_checkpoint(fast=True). Returns the history.
     """
     root = generate_banana_detection()
     images, labels = read_detection_folder(root / "bananas_train")
-    if fast_mode():
+    if fast:
         images, labels = images[:128], labels[:128]
-    config = TrainConfig(epochs=epochs or (2 if fast_mode() else TrainConfig.epochs))
+    config = TrainConfig(epochs=epochs or (2 if fast else TrainConfig.epochs))
     set_seed(config.seed)
     net = TinySSD(default_config())
     return train_ssd(net, (images, labels), config, device or pick_device(),
-                     checkpoint=path or default_checkpoint(), progress=progress)
+                     checkpoint=path or default_checkpoint(fast), progress=progress)
 
 
 # ---------------------------------------------------------------------------
@@ -3603,10 +3613,14 @@ def draw_detections(pixels, detections, class_names=None):
     draw = ImageDraw.Draw(image)
     colours = ((255, 255, 255), (0, 200, 255), (255, 220, 0), (255, 0, 200))
     for class_id, score, *box in detections.tolist():
-        name = _class_name(class_names, class_id)
         colour = colours[int(class_id) % len(colours)]
         draw.rectangle(box, outline=colour, width=2)
-        draw.text((box[0] + 3, box[1] + 2), f"{name} {score:.2f}", fill=colour)
+        text = f"{_class_name(class_names, class_id)} {score:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text)
+        x = min(max(0, box[0]), image.width - (right - left) - 4)  # keep the label inside the image
+        y = box[1] - (bottom - top) - 4 if box[1] >= bottom - top + 4 else box[1]
+        draw.rectangle([x, y, x + right - left + 4, y + bottom - top + 4], fill=colour)
+        draw.text((x + 2 - left, y + 2 - top), text, fill=(0, 0, 0))
     return image
 
 

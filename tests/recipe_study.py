@@ -29,8 +29,8 @@ ROWS = [
 ]
 
 
-def run(name, model_config, overrides, seed_recipe, data, epochs, device):
-    make = H.TrainConfig.seed_recipe if seed_recipe else H.TrainConfig
+def run(name, model_config, overrides, book_recipe, data, epochs, device):
+    make = H.TrainConfig.book_recipe if book_recipe else H.TrainConfig
     config = make(epochs=epochs, **overrides)
     H.set_seed(config.seed)
     net = H.TinySSD(model_config)

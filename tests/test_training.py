@@ -210,3 +210,21 @@ def test_detect_takes_paths_and_pil_images_of_any_mode(tiny_data, tmp_path, mode
 def test_to_image_tensor_rejects_nonsense():
     with pytest.raises(ValueError, match="expected an image"):
         H.to_image_tensor(torch.zeros(5, 8, 8))
+
+
+def test_validation_uses_the_training_precision_not_the_cpu_s(tiny_data, monkeypatch):
+    seen, real = [], H.detect_images
+
+    def spy(net, images, **kwargs):
+        seen.append(kwargs)
+        return real(net, images, **kwargs)
+    monkeypatch.setattr(H, "detect_images", spy)
+    H.train_ssd(H.TinySSD(H.default_config()), tiny_data[0], H.TrainConfig(epochs=1, batch_size=8, bf16="off"),
+                torch.device("cpu"), val_data=tiny_data[1], progress=False)
+    assert seen == [{"bf16": "off", "channels_last": "auto"}]
+
+
+def test_the_checkpoint_path_follows_the_argument_not_the_environment(monkeypatch):
+    monkeypatch.setenv("TINYSSD_FAST", "1")
+    assert H.default_checkpoint().name == "tinyssd_bananas.pt"
+    assert H.default_checkpoint(fast=True).name == "tinyssd_bananas_fast.pt"
