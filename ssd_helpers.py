@@ -3349,7 +3349,10 @@ def _letterbox(pixels, size):
     height, width = pixels.shape[1:]
     scale = size / max(height, width)
     new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-    out = torch.tensor([round(v) for v in IMAGENET_MEAN], dtype=torch.uint8).view(3, 1, 1).repeat(1, size, size)
+    if (new_h, new_w) == (height, width) == (size, size):
+        return pixels, (1.0, 1.0)
+    out = torch.tensor([round(v) for v in IMAGENET_MEAN], dtype=torch.uint8).view(3, 1, 1).expand(3, size, size)
+    out = out.contiguous()
     resized = pixels if (new_h, new_w) == (height, width) else F.interpolate(
         pixels[None].float(), size=(new_h, new_w), mode="bilinear", antialias=True).round().clamp(0, 255)[0]
     out[:, :new_h, :new_w] = resized.to(torch.uint8)
