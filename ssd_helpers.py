@@ -1743,7 +1743,7 @@ def _pixel_values(array, where):
 
 
 def image_to_uint8(image, where="image"):
-    """A PIL image, numpy array or tensor -> uint8 (3, H, W) RGB. Introduced in 08_prediction.
+    """A PIL image, numpy array or tensor -> uint8 (3, H, W) RGB. Introduced in 06_data; detect uses it (08).
 
     Conventions (anything else raises DatasetError saying what was expected):
     - numpy arrays are (H, W) or (H, W, C), channels last as PIL and matplotlib
@@ -2232,7 +2232,7 @@ def lr_at(step, total_steps, steps_per_epoch, config):
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used; the message names the file and what to do."""
+    """A checkpoint file that cannot be used; the message names the file and what to do. Introduced in 08_prediction."""
 
 
 def save_checkpoint(path, net, **extra):
@@ -2449,12 +2449,12 @@ def plot_history(history, axes=None):
     axes[1].plot(epochs, history["fg_err"], "o-", label="class error, foreground anchors")
     axes[1].plot(epochs, history["bbox_mae"], "s-", label="box MAE, positive anchors")
     axes[1].set_title("training metrics")
-    axes[1].legend()
+    axes[1].legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8)  # below: never over the curves
     if any(v is not None for v in history["AP50"]):
         axes[2].plot(epochs, history["AP50"], "o-", label="AP@0.5 (VOC)")
         axes[2].plot(epochs, history["AP"], "s-", label="AP@[.5:.95] (COCO)")
         axes[2].set_ylim(0, 1)
-        axes[2].legend(loc="lower right")
+        axes[2].legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, ncol=2)
     axes[2].set_title("validation")
     for ax in axes:
         ax.set_xlabel("epoch")
@@ -2943,7 +2943,7 @@ def plot_pr_curve(recall, precision, ax=None, label=None):
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.02)
-    ax.legend(loc="lower left")
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)  # beside the axes, off the curves
     return ax
 
 
@@ -3611,7 +3611,7 @@ def _image_files(sources):
 
 
 def draw_detections(pixels, detections, class_names=None):
-    """A PIL copy of uint8 (3, H, W) pixels with detections (k, 6) drawn and labelled."""
+    """A PIL copy of uint8 (3, H, W) pixels with detections (k, 6) drawn, labelled. Introduced in 11_your_own_data."""
     image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
     draw = ImageDraw.Draw(image)
     colours = ((255, 255, 255), (0, 200, 255), (255, 220, 0), (255, 0, 200))
