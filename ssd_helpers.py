@@ -15,6 +15,7 @@ Read it as a book. The sections follow the notebooks:
     9. Evaluation: mean average precision          (09_evaluation)
     10. Improvements: box-aware augmentation       (10_improvements)
     11. Your own data: readers, validation, shell  (11_your_own_data)
+    Appendix: how the synthetic images are drawn   (used by 06_data, not taught)
 
 Conventions used everywhere:
 
@@ -75,10 +76,8 @@ __all__ = [
     # 5. Model
     "blk_forward", "TinySSD",
     # 6. Data
-    "banana_sprite", "orange_sprite", "load_backgrounds", "random_background", "render_scene",
-    "generate_banana_detection", "generate_small_bananas", "generate_fruit_detection",
-    "make_test_scene", "draw_boxes", "DatasetError", "image_to_uint8", "open_image", "check_images",
-    "check_labels", "read_detection_folder",
+    "generate_banana_detection", "generate_small_bananas", "generate_fruit_detection", "DatasetError",
+    "image_to_uint8", "open_image", "check_images", "check_labels", "read_detection_folder",
     "DetectionDataset", "load_data_bananas",
     # 7. Training
     "TrainConfig", "IMAGENET_MEAN", "IMAGENET_STD", "default_config", "default_checkpoint",
@@ -97,6 +96,9 @@ __all__ = [
     # 11. Your own data
     "DetectionData", "read_dataset", "DatasetReport", "validate_dataset", "export_dataset",
     "draw_detections", "detect_folder", "main",
+    # Appendix: how the synthetic images are drawn
+    "banana_sprite", "orange_sprite", "load_backgrounds", "random_background", "render_scene",
+    "make_test_scene", "draw_boxes",
 ]
 
 
@@ -673,879 +675,7 @@ RIPENESS_COLOURS = (
 )
 
 
-# 6a. Drawing helpers
-def smoothstep(edge0, edge1, x):
-    """Smooth 0->1 ramp between edge0 and edge1 (works if edge0 > edge1).
-
-    x: float array of any shape; returns float32 array of the same shape.
-    """
-    u = np.clip((x - edge0) / (edge1 - edge0), 0.0, 1.0)
-    return (u * u * (3.0 - 2.0 * u)).astype(np.float32)
-
-
-def mix(a, b, weight):
-    """Linear blend ``a + (b - a) * weight`` with weight (...,) or (..., 1).
-
-    a, b: colour arrays broadcastable to (..., 3); weight in [0, 1].
-    """
-    if np.ndim(weight) > 0:
-        weight = weight[..., None]
-    return a + (b - a) * weight
-
-
-def sample_noise(grid, u, v):
-    """Bilinearly sample a 2-D noise grid at normalised coordinates.
-
-    grid: float32 (gu, gv); u, v: float arrays of equal shape, in [0, 1]
-    (values outside are clamped). Returns float32 array shaped like u.
-    """
-    gu, gv = grid.shape
-    x = np.clip(u, 0.0, 1.0) * (gu - 1)
-    y = np.clip(v, 0.0, 1.0) * (gv - 1)
-    x0 = np.minimum(x.astype(np.int32), gu - 2)
-    y0 = np.minimum(y.astype(np.int32), gv - 2)
-    fx, fy = smoothstep(0, 1, x - x0), smoothstep(0, 1, y - y0)  # rounder blobs
-    top = grid[x0, y0] * (1 - fy) + grid[x0, y0 + 1] * fy
-    bottom = grid[x0 + 1, y0] * (1 - fy) + grid[x0 + 1, y0 + 1] * fy
-    return (top * (1 - fx) + bottom * fx).astype(np.float32)
-
-
-def random_light(rng):
-    """A random key-light direction: unit float32 vector (x, y, z).
-
-    x points right and y down in the image, z towards the camera; the
-    light always comes from the camera's side (z between 0.45 and 0.8).
-    """
-    azimuth = rng.uniform(0, 2 * math.pi)
-    z = rng.uniform(0.45, 0.8)
-    r = math.sqrt(1 - z * z)
-    return np.array([r * math.cos(azimuth), r * math.sin(azimuth), z],
-                    dtype=np.float32)
-
-
-def local_grid(canvas_hw, scale, angle, center):
-    """Map supersampled canvas pixel centres into an object's local frame.
-
-    canvas_hw: (h, w) of the final sprite in pixels; scale: pixels per
-    local unit; angle: rotation in radians (local -> image); center: local
-    (x, y) drawn at the canvas centre. Returns float32 arrays (x, y) of
-    shape (h * SUPERSAMPLE, w * SUPERSAMPLE).
-    """
-    h, w = canvas_hw
-    ys = (np.arange(h * SUPERSAMPLE) + 0.5) / SUPERSAMPLE - h / 2
-    xs = (np.arange(w * SUPERSAMPLE) + 0.5) / SUPERSAMPLE - w / 2
-    gx, gy = np.meshgrid(xs.astype(np.float32), ys.astype(np.float32))
-    c, s = math.cos(angle), math.sin(angle)
-    x = (c * gx + s * gy) / scale + center[0]
-    y = (-s * gx + c * gy) / scale + center[1]
-    return x, y
-
-
-def to_local(vector_xy, angle):
-    """Rotate an image-space 2-D direction into the local frame (floats)."""
-    c, s = math.cos(angle), math.sin(angle)
-    return c * vector_xy[0] + s * vector_xy[1], -s * vector_xy[0] + c * vector_xy[1]
-
-
-def rotated_extent(points, angle):
-    """Bounding-box centre and size of local points after rotation.
-
-    points: float (N, 2) local (x, y). Returns (center_xy, (width, height))
-    in local units, the centre given back in local coordinates.
-    """
-    c, s = math.cos(angle), math.sin(angle)
-    rx = c * points[:, 0] - s * points[:, 1]
-    ry = s * points[:, 0] + c * points[:, 1]
-    mid = np.array([(rx.min() + rx.max()) / 2, (ry.min() + ry.max()) / 2])
-    center = np.array([c * mid[0] + s * mid[1], -s * mid[0] + c * mid[1]])
-    return center, (rx.max() - rx.min(), ry.max() - ry.min())
-
-
-def finish_sprite(linear_rgb, coverage):
-    """Turn supersampled linear colour + coverage into a premultiplied sprite.
-
-    linear_rgb: float32 (H*S, W*S, 3) linear-light colour; coverage:
-    float32 (H*S, W*S) in [0, 1]. Box-filters S x S blocks (anti-aliasing),
-    converts to sRGB (gamma 2.2) and returns float32 (H, W, 4) premultiplied.
-    """
-    hs, ws = coverage.shape
-    h, w, k = hs // SUPERSAMPLE, ws // SUPERSAMPLE, SUPERSAMPLE
-    premult = np.concatenate([linear_rgb * coverage[..., None],
-                              coverage[..., None]], axis=2)
-    small = premult.reshape(h, k, w, k, 4).mean(axis=(1, 3))
-    alpha = small[..., 3:]
-    straight = np.clip(small[..., :3] / np.maximum(alpha, 1e-6), 0, 1)
-    srgb = straight ** (1 / 2.2)
-    return np.concatenate([srgb * alpha, alpha], axis=2).astype(np.float32)
-
-
-# 6b. The banana sprite
-@dataclasses.dataclass(frozen=True)
-class BananaShape:
-    """Random parameters of one banana, in local units (body length = 1).
-
-    The spine is a circular arc of angle ``bend`` (radians) and length 1;
-    ``t`` runs along it from 0 (stem end of the body) to 1 (flower tip).
-    The neck (stem) continues to ``t = -neck_len``, the tip nub to
-    ``1 + tip_len``. half_width: largest half-thickness; peak, fullness:
-    where the body is thickest and how blunt its ends are. Colours are
-    sRGB 0..1; green_ends, speckle, blotch: amounts of green ends, sugar
-    spots and brown bruises; facet: strength of the ridges; gloss: shine;
-    mirrored: stem on the other side; texture_seed: seeds the peel noise.
-    """
-    bend: float
-    half_width: float
-    peak: float
-    fullness: float
-    neck_len: float
-    neck_width: float
-    tip_len: float
-    colour: tuple
-    neck_colour: tuple
-    green_ends: float
-    speckle: float
-    blotch: float
-    facet: float
-    facet_offset: float
-    gloss: float
-    mirrored: bool
-    texture_seed: int
-
-
-def random_banana_shape(rng):
-    """Draw a random BananaShape (curvature, thickness, ripeness, ...)."""
-    ripeness = rng.uniform(1.7, 3.0) if rng.random() < 0.75 else rng.uniform(0.5, 1.7)
-    palette, i = np.array(RIPENESS_COLOURS), min(int(ripeness), 2)
-    colour = palette[i] + (ripeness - i) * (palette[i + 1] - palette[i])
-    colour = np.clip(colour * rng.uniform(0.92, 1.05) + rng.normal(0, 0.02, 3), 0, 1)
-    neck = np.array([0.42, 0.50, 0.16]) + (ripeness / 3) * np.array([0.16, 0.06, 0.02])
-    w = rng.uniform(0.095, 0.135)
-    return BananaShape(
-        bend=rng.uniform(0.8, 1.6), half_width=w,
-        peak=rng.uniform(0.85, 1.2), fullness=rng.uniform(0.45, 0.7),
-        neck_len=rng.uniform(0.1, 0.17), neck_width=w * rng.uniform(0.34, 0.44),
-        tip_len=rng.uniform(0.015, 0.03),
-        colour=tuple(map(float, colour)), neck_colour=tuple(map(float, neck)),
-        green_ends=rng.uniform(0.2, 0.8) * (1.3 - ripeness / 3),
-        speckle=max(0.0, ripeness - 2.0) * rng.uniform(0.2, 1.0),
-        blotch=rng.uniform(0, 0.6) * (ripeness / 3),
-        facet=rng.uniform(0.5, 0.9), facet_offset=rng.uniform(-0.4, 0.4),
-        gloss=rng.uniform(0.1, 0.3), mirrored=bool(rng.random() < 0.5),
-        texture_seed=int(rng.integers(2**31)))
-
-
-def banana_half_width(shape, t):
-    """Half-width (local units) of the banana at spine positions t (array).
-
-    A sin-shaped body (thick middle, rounded ends) merged smoothly into a
-    thin neck that flares a little at the cut stem end, plus a small nub
-    at the flower tip. Returns float32 array shaped like t.
-    """
-    u = np.clip(t, 0, 1) ** shape.peak
-    body = shape.half_width * np.maximum(np.sin(np.pi * u), 0) ** shape.fullness
-    flare = 1 + 0.3 * smoothstep(-shape.neck_len + 0.04, -shape.neck_len, t)
-    neck = shape.neck_width * flare * (1 - smoothstep(0.15, 0.45, t))
-    k = 0.5 * shape.neck_width  # softness of the body/neck junction
-    width = 0.5 * (body + neck + np.sqrt((body - neck) ** 2 + k * k))
-    nub = 0.25 * shape.half_width * np.sqrt(np.clip(1 - ((t - 1) / shape.tip_len) ** 2, 0, 1))
-    return np.maximum(width, nub).astype(np.float32)
-
-
-def banana_outline(shape, n=64):
-    """Outline points of the banana in local (x, y): float (2n, 2).
-
-    The arc's centre is the local origin; the spine point at angle a is
-    R * (sin a, cos a) with R = 1 / bend (so the banana hangs below it).
-    """
-    t = np.linspace(-shape.neck_len, 1 + shape.tip_len, n)
-    w = banana_half_width(shape, t)
-    radius = 1 / shape.bend
-    a = (t - 0.5) * shape.bend * (-1 if shape.mirrored else 1)
-    side = np.concatenate([radius + w, radius - w])
-    a = np.concatenate([a, a])
-    return np.stack([side * np.sin(a), side * np.cos(a)], axis=1)
-
-
-def banana_geometry(shape, x, y):
-    """Spine coordinates of local points x, y (float arrays, same shape).
-
-    Returns a dict of arrays: t (position along the spine), s (signed
-    across-position, -1..1 from inner to outer edge), a (polar angle),
-    dw (slope of the half-width) and sd (approximate signed distance to
-    the outline in local units, negative inside).
-    """
-    sign = -1.0 if shape.mirrored else 1.0
-    a = np.arctan2(x, y)
-    t = 0.5 + sign * a / shape.bend
-    d = np.hypot(x, y) - 1 / shape.bend
-    table_t = np.linspace(-shape.neck_len - 0.01, 1 + shape.tip_len + 0.01, 256)
-    table_w = banana_half_width(shape, table_t)
-    w = np.interp(t, table_t, table_w).astype(np.float32)
-    dw = np.interp(t, table_t, np.gradient(table_w, table_t)).astype(np.float32)
-    sd = (np.abs(d) - w) / np.sqrt(1 + dw * dw)
-    sd = np.maximum(sd, np.maximum(-shape.neck_len - t, t - 1 - shape.tip_len))
-    s = np.clip(d / np.maximum(w, 1e-4), -1, 1)
-    return dict(t=t, s=s, a=a, dw=dw, sd=sd)
-
-
-def banana_albedo(shape, g):
-    """Peel colour (sRGB, float32 (..., 3)) at banana coordinates g.
-
-    g: dict from banana_geometry. Adds lengthwise streaks, green ends, the
-    neck and its dark cut end, the dark flower tip, brown blotches and
-    sugar speckles; colour of the edges is slightly darker/olive.
-    """
-    noise = np.random.default_rng(shape.texture_seed)
-    t, s = g["t"], g["s"]
-    u = (t + shape.neck_len) / (1 + shape.neck_len + shape.tip_len)
-    v = (s + 1) / 2
-    streak = sample_noise(noise.random((6, 40), dtype=np.float32), u, v)
-    colour = np.asarray(shape.colour, np.float32) * (0.93 + 0.14 * streak)[..., None]
-    green = np.maximum(smoothstep(0.22, 0.0, t), 0.6 * smoothstep(0.8, 1.0, t))
-    colour = mix(colour, np.float32([0.50, 0.60, 0.16]), shape.green_ends * green)
-    colour = mix(colour, np.float32(shape.neck_colour), smoothstep(0.02, -0.05, t))
-    colour = mix(colour, np.float32([0.30, 0.22, 0.10]),
-                 smoothstep(-shape.neck_len + 0.035, -shape.neck_len + 0.01, t))
-    colour = mix(colour, np.float32([0.16, 0.11, 0.06]), smoothstep(0.955, 0.99, t))
-    blotch = sample_noise(noise.random((9, 4), dtype=np.float32), u, v)
-    blotch = blotch * (0.7 + 0.6 * streak)  # ragged, not grid-aligned, edges
-    colour = mix(colour, np.float32([0.55, 0.38, 0.12]),
-                 shape.blotch * smoothstep(0.6, 1.0, blotch))
-    speck = sample_noise(noise.random((110, 18), dtype=np.float32), u, v)
-    threshold = 0.93 - 0.12 * shape.speckle
-    colour = mix(colour, np.float32([0.35, 0.22, 0.08]),
-                 min(1.0, 2 * shape.speckle) * smoothstep(threshold, threshold + 0.05, speck))
-    return mix(colour, colour * np.float32([0.75, 0.72, 0.55]), smoothstep(0.7, 1.0, np.abs(s)))
-
-
-def banana_shading(shape, g, light):
-    """Diffuse and specular light (float32 arrays) on the banana surface.
-
-    The body is treated as a tube whose cross-section is a rounded polygon
-    (the ridges of a banana): the normal turns across the width with angle
-    asin(s) and tilts along the spine where the width changes (dw). The
-    faces come from bending that angle with a sine: nearly flat in the
-    middle of a face, turning fast at a ridge. light: unit (x, y, z) in
-    the local frame. Returns (diffuse in [0, 1], specular >= 0).
-    """
-    angle = np.arcsin(g["s"])  # angle of the normal around the tube
-    face = math.pi / 2.6       # angular width of one face of the peel
-    phase = 2 * math.pi * (angle - shape.facet_offset) / face
-    angle = angle - shape.facet * face / (2 * math.pi) * np.sin(phase)
-    sign = -1.0 if shape.mirrored else 1.0
-    sin_a, cos_a = np.sin(g["a"]), np.cos(g["a"])
-    norm = np.sqrt(1 + g["dw"] ** 2)
-    n_r, n_z, n_t = np.sin(angle) / norm, np.cos(angle) / norm, -g["dw"] / norm
-
-    def dot(vec):  # normal . vec, with vec given in local (x, y, z)
-        along = sign * (vec[0] * cos_a - vec[1] * sin_a)
-        radial = vec[0] * sin_a + vec[1] * cos_a
-        return n_t * along + n_r * radial + n_z * vec[2]
-
-    wrap = 0.15  # soft, slightly translucent look of the peel
-    diffuse = np.clip((dot(light) + wrap) / (1 + wrap), 0, 1)
-    half = light + np.float32([0, 0, 1])
-    half = half / np.linalg.norm(half)
-    specular = shape.gloss * np.clip(dot(half), 0, 1) ** 12
-    return diffuse.astype(np.float32), specular.astype(np.float32)
-
-
-def draw_banana(shape, scale, angle, light):
-    """Render a banana sprite: float32 premultiplied RGBA (h, w, 4).
-
-    scale: pixels per local unit (about the body length in px); angle:
-    rotation in radians; light: unit (x, y, z) key-light in image space.
-    The sprite is centred on the banana's bounding box with 2 px margin.
-    """
-    center, (bw, bh) = rotated_extent(banana_outline(shape), angle)
-    canvas = (math.ceil(bh * scale) + 4, math.ceil(bw * scale) + 4)
-    x, y = local_grid(canvas, scale, angle, center)
-    g = banana_geometry(shape, x, y)
-    coverage = np.clip(0.5 - g["sd"] * scale * SUPERSAMPLE, 0, 1)
-    inside = coverage > 0  # only colour the samples that are covered
-    g = {key: value[inside] for key, value in g.items()}
-    lx, ly = to_local(light[:2], angle)
-    diffuse, specular = banana_shading(shape, g, np.float32([lx, ly, light[2]]))
-    albedo = banana_albedo(shape, g) ** 2.2
-    lit = np.zeros(coverage.shape + (3,), np.float32)
-    lit[inside] = albedo * (0.2 + 0.9 * diffuse)[..., None] + specular[..., None]
-    return finish_sprite(lit, coverage)
-
-
-def banana_sprite(rng, size=64, angle=None, light=None):
-    """A random banana sprite whose box's longer side is about `size` px.
-
-    rng: np.random.Generator; angle: radians (random if None); light: unit
-    (x, y, z) (random if None). Returns float32 (h, w, 4) PREMULTIPLIED
-    RGBA in [0, 1] with a 2 px transparent margin.
-    """
-    shape = random_banana_shape(rng)
-    angle = rng.uniform(0, 2 * math.pi) if angle is None else angle
-    light = random_light(rng) if light is None else light
-    _, (bw, bh) = rotated_extent(banana_outline(shape), angle)
-    return draw_banana(shape, size / max(bw, bh), angle, light)
-
-
-# 6c. The orange sprite (second class of the multi-object variant)
-@dataclasses.dataclass(frozen=True)
-class OrangeShape:
-    """Random parameters of one orange (local units: radius 1).
-
-    squash: height/width ratio; colour: sRGB peel colour; navel: local
-    (x, y) of the stem scar on the visible hemisphere (|navel| < 0.75).
-    """
-    squash: float
-    colour: tuple
-    navel: tuple
-    navel_size: float
-    bumpiness: float
-    gloss: float
-    texture_seed: int
-
-
-def random_orange_shape(rng):
-    """Draw a random OrangeShape (from yellow-orange to deep mandarin)."""
-    hue = rng.uniform(0, 1)
-    colour = np.array([0.98, 0.62, 0.10]) + hue * np.array([-0.02, -0.22, -0.06])
-    colour = np.clip(colour * rng.uniform(0.88, 1.02) + rng.normal(0, 0.015, 3), 0, 1)
-    radius, angle = 0.75 * math.sqrt(rng.random()), rng.uniform(0, 2 * math.pi)
-    return OrangeShape(
-        squash=rng.uniform(0.88, 1.0), colour=tuple(map(float, colour)),
-        navel=(radius * math.cos(angle), radius * math.sin(angle)),
-        navel_size=rng.uniform(0.06, 0.11), bumpiness=rng.uniform(0.08, 0.18),
-        gloss=rng.uniform(0.12, 0.3), texture_seed=int(rng.integers(2**31)))
-
-
-def orange_albedo(shape, x, y, z, noise):
-    """Peel colour (sRGB float32 (..., 3)) at visible sphere points x, y, z.
-
-    Slightly mottled, deeper orange towards the rim, with a dark olive stem
-    scar ringed by a small green calyx at shape.navel.
-    """
-    u, v = (x + 1) / 2, (y + 1) / 2
-    mottle = sample_noise(noise.random((7, 7), dtype=np.float32), u, v)
-    colour = np.float32(shape.colour) * (0.92 + 0.14 * mottle)[..., None]
-    colour = mix(colour, colour * np.float32([0.95, 0.75, 0.6]), 0.5 * (1 - z) ** 2)
-    nx, ny = shape.navel
-    nz = math.sqrt(max(0.0, 1 - nx * nx - ny * ny))
-    dist = np.sqrt((x - nx) ** 2 + (y - ny) ** 2 + (z - nz) ** 2)
-    calyx = smoothstep(1.8 * shape.navel_size, 1.2 * shape.navel_size, dist)
-    colour = mix(colour, np.float32([0.55, 0.55, 0.18]), 0.6 * calyx)
-    scar = smoothstep(0.7 * shape.navel_size, 0.35 * shape.navel_size, dist)
-    return mix(colour, np.float32([0.28, 0.24, 0.10]), scar)
-
-
-def draw_orange(shape, scale, angle, light):
-    """Render an orange sprite: float32 premultiplied RGBA (h, w, 4).
-
-    scale: pixels per local unit (the radius in px); angle: radians;
-    light: unit (x, y, z) key-light in image space. Dimpled peel = the
-    sphere normal perturbed by fine noise, which also breaks up the
-    specular highlight.
-    """
-    side = math.ceil(2 * scale) + 4  # the rotated ellipse fits in the unit circle
-    canvas = (side, side)
-    x, y = local_grid(canvas, scale, angle, (0.0, 0.0))
-    r = np.sqrt(x * x + (y / shape.squash) ** 2)
-    coverage = np.clip(0.5 - (r - 1) * scale * SUPERSAMPLE, 0, 1)
-    inside = coverage > 0
-    x, y = x[inside], y[inside] / shape.squash
-    z = np.sqrt(np.clip(1 - x * x - y * y, 0, 1))
-    noise = np.random.default_rng(shape.texture_seed)
-    u, v = (x + 1) / 2, (y + 1) / 2
-    bump = [sample_noise(noise.random((48, 48), dtype=np.float32), u, v) - 0.5 for _ in range(2)]
-    normal = np.stack([x + shape.bumpiness * bump[0], y + shape.bumpiness * bump[1], z])
-    normal /= np.linalg.norm(normal, axis=0)
-    lx, ly = to_local(light[:2], angle)
-    light = np.float32([lx, ly, light[2]])
-    diffuse = np.clip((light @ normal.reshape(3, -1) + 0.2) / 1.2, 0, 1)
-    half = (light + np.float32([0, 0, 1])) / np.linalg.norm(light + np.float32([0, 0, 1]))
-    specular = shape.gloss * np.clip(half @ normal.reshape(3, -1), 0, 1) ** 60
-    albedo = orange_albedo(shape, x, y, z, noise) ** 2.2
-    lit = np.zeros(coverage.shape + (3,), np.float32)
-    lit[inside] = albedo * (0.25 + 0.85 * diffuse)[:, None] + specular[:, None]
-    return finish_sprite(lit, coverage)
-
-
-def orange_sprite(rng, size=48, angle=None, light=None):
-    """A random orange sprite whose box's longer side is about `size` px.
-
-    Same conventions as banana_sprite: float32 (h, w, 4) PREMULTIPLIED
-    RGBA in [0, 1] with a 2 px transparent margin.
-    """
-    shape = random_orange_shape(rng)
-    angle = rng.uniform(0, 2 * math.pi) if angle is None else angle
-    light = random_light(rng) if light is None else light
-    return draw_orange(shape, size / 2, angle, light)
-
-
-# 6d. Backgrounds: real photos bundled with scikit-image
-def load_backgrounds(names=None):
-    """Load the background photos bundled with scikit-image (no download).
-
-    names: file names to load (default: all of BACKGROUND_FILES).
-    Returns a list of (PIL.Image, tint) pairs: colour photos are RGB
-    images with tint None; grey photos are mode "L" images with an RGB
-    tint (3 floats) used to colour them.
-    """
-    folder = pathlib.Path(skimage.data.__file__).parent
-    tints = dict(BACKGROUND_FILES)
-    photos = []
-    for name in names or tints:
-        tint = tints[name]
-        with Image.open(folder / name) as image:
-            photos.append((image.convert("L" if tint else "RGB"), tint))
-    return photos
-
-
-def colour_jitter(rng, image):
-    """Random brightness, contrast, saturation and hue shift.
-
-    image: float32 (H, W, 3) in [0, 1]; returns a new array, same shape.
-    The hue shift rotates the colour around the grey axis (YIQ space).
-    """
-    grey = image @ np.float32([0.299, 0.587, 0.114])
-    image = grey[..., None] + rng.uniform(0.6, 1.3) * (image - grey[..., None])
-    image = image.mean() + rng.uniform(0.7, 1.2) * (image - image.mean())
-    image = image * rng.uniform(0.65, 1.2)
-    rgb_to_yiq = np.float32([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
-                             [0.211, -0.523, 0.312]])
-    hue = rng.uniform(-0.25, 0.25)  # radians
-    c, s = math.cos(hue), math.sin(hue)
-    rotate = np.float32([[1, 0, 0], [0, c, -s], [0, s, c]])
-    matrix = np.linalg.inv(rgb_to_yiq) @ rotate @ rgb_to_yiq
-    return np.clip(image @ matrix.T.astype(np.float32), 0, 1)
-
-
-def random_background(rng, photos, size=IMAGE_SIZE):
-    """A random crop of a random photo: float32 (size, size, 3) in [0, 1].
-
-    The square crop covers 30-100% of the photo's shorter side, is
-    resized to `size`, maybe mirrored, tinted if grey and colour-jittered.
-    """
-    image, tint = photos[rng.integers(len(photos))]
-    w, h = image.size
-    side = rng.uniform(0.3, 1.0) * min(w, h)
-    x0, y0 = rng.uniform(0, w - side), rng.uniform(0, h - side)
-    crop = image.resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + side, y0 + side))
-    pixels = np.asarray(crop, dtype=np.float32) / 255
-    if tint is not None:
-        tint = np.float32(tint) * rng.uniform(0.9, 1.1, 3).astype(np.float32)
-        pixels = pixels[..., None] * tint / tint.max()
-    if rng.random() < 0.5:
-        pixels = pixels[:, ::-1]
-    return colour_jitter(rng, pixels)
-
-
-# 6e. Scenes: sprites pasted on backgrounds, with exact boxes
-def orange_outline(shape, n=64):
-    """Outline points of the orange in local (x, y): float (n, 2)."""
-    a = np.linspace(0, 2 * math.pi, n, endpoint=False)
-    return np.stack([np.cos(a), shape.squash * np.sin(a)], axis=1)
-
-
-def sprite_functions(class_id):
-    """(random shape, outline points, renderer) functions for a class id."""
-    if class_id == BANANA:
-        return random_banana_shape, banana_outline, draw_banana
-    return random_orange_shape, orange_outline, draw_orange
-
-
-def sample_sprite(rng, class_id, side_range, light):
-    """Render a random object whose box sides fall inside side_range (px).
-
-    Tries random shapes/angles until the box aspect (long side / short
-    side) is at most min(MAX_ASPECT, hi / lo), then picks a scale so that
-    both box sides lie in [lo, hi] (after 50 failed tries the last shape
-    is used at the smallest fitting scale). Returns
-    (sprite float32 (h, w, 4) premultiplied, (box_w, box_h) predicted px).
-    """
-    random_shape, outline, draw = sprite_functions(class_id)
-    lo, hi = side_range
-    for _ in range(50):
-        shape, angle = random_shape(rng), rng.uniform(0, 2 * math.pi)
-        _, (bw, bh) = rotated_extent(outline(shape), angle)
-        if max(bw, bh) <= min(MAX_ASPECT, hi / lo) * min(bw, bh):
-            break
-    low, high = lo / min(bw, bh), hi / max(bw, bh)
-    scale = rng.uniform(low, max(low, high))
-    return draw(shape, scale, angle, light), (bw * scale, bh * scale)
-
-
-def random_position(rng, sprite_hw, box_wh, size):
-    """Top-left (y0, x0) ints for a sprite so that at most MAX_OUTSIDE of
-    its box (centred in the sprite) leaves the frame on any side."""
-    (h, w), (bw, bh) = sprite_hw, box_wh
-    keep = 0.5 - MAX_OUTSIDE
-    cx = rng.uniform(keep * bw, size - keep * bw)
-    cy = rng.uniform(keep * bh, size - keep * bh)
-    return int(round(cy - h / 2)), int(round(cx - w / 2))
-
-
-def overlap(y0, x0, h, w, size):
-    """Slices (frame, sprite) where an (h, w) sprite at (y0, x0) meets a
-    size x size frame; either may be empty."""
-    ya, xa = max(y0, 0), max(x0, 0)
-    yb, xb = min(y0 + h, size), min(x0 + w, size)
-    frame = (slice(ya, max(ya, yb)), slice(xa, max(xa, xb)))
-    sprite = (slice(ya - y0, max(ya, yb) - y0), slice(xa - x0, max(xa, xb) - x0))
-    return frame, sprite
-
-
-def frame_alpha(sprite, y0, x0, size):
-    """The sprite's alpha pasted into an empty float32 (size, size) frame."""
-    alpha = np.zeros((size, size), np.float32)
-    frame, part = overlap(y0, x0, *sprite.shape[:2], size)
-    alpha[frame] = sprite[part][..., 3]
-    return alpha
-
-
-def tight_box(mask):
-    """Tight box of a non-empty bool (H, W) mask: ints (xmin, ymin, xmax,
-    ymax) with exclusive max (xmax = last column + 1)."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
-
-
-def visible_masks(alphas, full_counts):
-    """Decide which objects stay visible once later ones are drawn on top.
-
-    alphas: list of float32 (H, W) frame alphas, in drawing order;
-    full_counts: pixels each sprite would cover if alone and unclipped.
-    An object's visible alpha is its alpha times the transparency of every
-    KEPT object drawn after it; its mask is visible alpha > ALPHA_THRESHOLD.
-    Objects keeping < MIN_VISIBLE of their pixels or with a box side
-    < MIN_SIDE are dropped. Returns {index: bool mask} for kept objects.
-    """
-    cover = np.ones_like(alphas[0]) if alphas else None
-    kept = {}
-    for i in reversed(range(len(alphas))):
-        mask = alphas[i] * cover > ALPHA_THRESHOLD
-        if mask.sum() < MIN_VISIBLE * max(full_counts[i], 1):
-            continue
-        x0, y0, x1, y1 = tight_box(mask)
-        if min(x1 - x0, y1 - y0) >= MIN_SIDE:
-            kept[i] = mask
-            cover = cover * (1 - alphas[i])
-    return kept
-
-
-def blur(image, radius):
-    """Gaussian blur of a float32 (H, W) or (H, W, 3) image in [0, 1]."""
-    if radius <= 0:
-        return image
-    pil = Image.fromarray(np.uint8(np.clip(image, 0, 1) * 255 + 0.5))
-    return np.asarray(pil.filter(ImageFilter.GaussianBlur(radius)), np.float32) / 255
-
-
-def cast_shadow(rng, image, sprite, y0, x0, light):
-    """Darken image (float32 (H, W, 3)) under a soft, offset copy of the
-    alpha of a sprite that will be pasted at (y0, x0).
-
-    The shadow falls away from the light: offset = -light.xy * 2..6 px,
-    blurred by 2..4 px, darkening by up to 30..50%. Returns a new image.
-    """
-    distance = rng.uniform(2, 6)
-    dy, dx = (int(round(-light[i] * distance)) for i in (1, 0))
-    shifted = frame_alpha(sprite, y0 + dy, x0 + dx, image.shape[0])
-    shadow = blur(shifted, rng.uniform(2, 4))
-    return image * (1 - rng.uniform(0.3, 0.5) * shadow)[..., None]
-
-
-def match_lighting(sprite, patch):
-    """Nudge a sprite's colour towards the scene behind it (subtle).
-
-    sprite: float32 (h, w, 4) premultiplied; patch: float32 (h, w, 3) of
-    the image behind it. Darker scenes darken the sprite a little and the
-    scene's average colour tints it slightly. Returns a new sprite.
-    """
-    weight = sprite[..., 3:] + 1e-6
-    mean = (patch * weight).sum(axis=(0, 1)) / weight.sum()
-    level = max(float(mean.mean()), 1e-3)
-    gain = np.clip((level / 0.45) ** 0.2, 0.8, 1.1)
-    tint = np.clip((mean / level) ** 0.05, 0.96, 1.04)
-    out = sprite.copy()
-    out[..., :3] = np.minimum(sprite[..., :3] * gain * tint, sprite[..., 3:])
-    return out
-
-
-def paste(image, sprite, y0, x0):
-    """Alpha-composite a premultiplied sprite onto image in place."""
-    frame, part = overlap(y0, x0, *sprite.shape[:2], image.shape[0])
-    piece = sprite[part]
-    image[frame] = piece[..., :3] + (1 - piece[..., 3:]) * image[frame]
-
-
-def camera_finish(rng, image):
-    """Slight optical blur and sensor noise; float32 (H, W, 3) -> uint8.
-
-    The noise is the same in the three channels (brightness noise only),
-    which is cheaper to draw and looks like a photo's grain.
-    """
-    if rng.random() < 0.7:
-        image = blur(image, rng.uniform(0.3, 0.8))
-    noise = rng.standard_normal(image.shape[:2] + (1,), dtype=np.float32)
-    image = image + noise * np.float32(rng.uniform(0.5, 2.5) / 255)
-    return np.uint8(np.clip(image, 0, 1) * 255 + 0.5)
-
-
-def render_scene(rng, photos, objects, size=IMAGE_SIZE):
-    """Render one photo-like scene with fruit on a real photo background.
-
-    rng: np.random.Generator; photos: list from load_backgrounds();
-    objects: list of (class_id, min_side, max_side), box sides in px, in
-    drawing order (later objects occlude earlier ones).
-    Returns (image uint8 (size, size, 3), boxes int64 (n, 5) with rows
-    (class_id, xmin, ymin, xmax, ymax), masks bool (n, size, size) of the
-    visible pixels). n <= len(objects): nearly hidden objects are dropped
-    (and not drawn). Boxes are the tight boxes of the masks, xmax/ymax
-    exclusive (see module docstring).
-    """
-    light = random_light(rng)
-    image = random_background(rng, photos, size)
-    placed = []
-    for class_id, lo, hi in objects:
-        sprite, box_wh = sample_sprite(rng, class_id, (lo, hi), light)
-        y0, x0 = random_position(rng, sprite.shape[:2], box_wh, size)
-        placed.append((class_id, sprite, y0, x0))
-    alphas = [frame_alpha(s, y0, x0, size) for _, s, y0, x0 in placed]
-    counts = [(s[..., 3] > ALPHA_THRESHOLD).sum() for _, s, _, _ in placed]
-    kept = visible_masks(alphas, counts)
-    boxes, masks = [], []
-    for i, (class_id, sprite, y0, x0) in enumerate(placed):
-        if i in kept:
-            image = cast_shadow(rng, image, sprite, y0, x0, light)
-            frame, part = overlap(y0, x0, *sprite.shape[:2], size)
-            sprite = sprite.copy()
-            sprite[part] = match_lighting(sprite[part], image[frame])
-            paste(image, sprite, y0, x0)
-            boxes.append((class_id, *tight_box(kept[i])))
-            masks.append(kept[i])
-    boxes = np.array(boxes, dtype=np.int64).reshape(-1, 5)
-    masks = np.array(masks, dtype=bool).reshape(-1, size, size)
-    return camera_finish(rng, image), boxes, masks
-
-
-# 6f. Writing datasets in d2l's on-disk format, atomically
-
-
-def image_rng(seed, name, index):
-    """Independent random generator for one image.
-
-    The generator is seeded with the triple (seed, tag, index), where tag
-    is a 32-bit number derived from the string `name` (e.g.
-    "bananas:train") with sha256. So every image has its own stream of
-    random numbers: it does not depend on which images were made before
-    it, and train/val/other datasets never share streams.
-    """
-    tag = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
-    return np.random.default_rng([seed, tag, index])
-
-
-def banana_scene(rng, photos, side_range=BANANA_BOX):
-    """One image with exactly one banana: (uint8 (256, 256, 3), boxes (1, 5)).
-
-    Re-renders (with the same rng, so still deterministic) in the rare case
-    the banana ends up mostly outside the frame and gets dropped.
-    """
-    while True:
-        image, boxes, _ = render_scene(rng, photos, [(BANANA, *side_range)])
-        if len(boxes) == 1:
-            return image, boxes
-
-
-def fruit_scene(rng, photos):
-    """One image with 0..MAX_FRUIT bananas/oranges: (uint8 image, boxes (n, 5)).
-
-    Classes are drawn 50/50. Boxes may be fewer than the objects asked
-    for: objects hidden behind others are dropped (see render_scene).
-    """
-    count = int(rng.integers(0, MAX_FRUIT + 1))
-    ranges = {BANANA: FRUIT_BANANA_BOX, ORANGE: ORANGE_BOX}
-    objects = [(c, *ranges[c]) for c in rng.integers(0, 2, count).tolist()]
-    image, boxes, _ = render_scene(rng, photos, objects)
-    return image, boxes
-
-
-def csv_rows(img_name, boxes):
-    """CSV rows for one image: one [img_name, label, xmin, ymin, xmax, ymax]
-    per box; an image without boxes gets one row with five empty fields."""
-    if len(boxes) == 0:
-        return [[img_name, "", "", "", "", ""]]
-    return [[img_name, *(int(v) for v in box)] for box in boxes]
-
-
-def write_csv(path, rows):
-    """Write CSV_HEADER and rows to path (Unix newlines, deterministic)."""
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(CSV_HEADER)
-        writer.writerows(rows)
-
-
-def write_split(folder, tag, seed, count, scene, tick):
-    """Render `count` images into folder/images/N.png plus folder/label.csv.
-
-    scene(rng, photos) -> (uint8 image, boxes (n, 5)); the rng of image N
-    is image_rng(seed, tag, N), tag naming dataset and split, such as
-    "bananas:train". tick() is called once per image.
-    """
-    photos = load_backgrounds()
-    (folder / "images").mkdir(parents=True)
-    rows = []
-    for index in range(count):
-        image, boxes = scene(image_rng(seed, tag, index), photos)
-        Image.fromarray(image).save(folder / "images" / f"{index}.png",
-                                    compress_level=PNG_COMPRESSION)
-        rows += csv_rows(f"{index}.png", boxes)
-        tick()
-    write_csv(folder / "label.csv", rows)
-
-
-def marker_text(params):
-    """Content of the completion marker: one "key=value" line per item."""
-    return "".join(f"{key}={value}\n" for key, value in params.items())
-
-
-def is_complete(root, params):
-    """True if root holds a finished dataset made with exactly `params`."""
-    marker = pathlib.Path(root) / MARKER_FILE
-    return marker.is_file() and marker.read_text() == marker_text(params)
-
-
-# Paths (relative, POSIX) that the series writes into a dataset folder: d2l's
-# layout from the generate_* functions, and the VOC, COCO and CSV exports of 11_your_own_data.
-GENERATED_PATHS = (
-    r"[a-z-]+_(train|val)", r"[a-z-]+_(train|val)/label\.csv", r"[a-z-]+_(train|val)/images",
-    r"[a-z-]+_(train|val)/images/\d+\.png",
-    r"Annotations", r"Annotations/\w+\.xml", r"JPEGImages", r"JPEGImages/\w+\.png",
-    r"ImageSets", r"ImageSets/Main", r"ImageSets/Main/\w+\.txt", r"images", r"images/\w+\.png",
-    r"\w+\.json", r"\w+\.csv",
-)
-
-
-def is_generated_layout(folder):
-    """True if ``folder`` holds nothing but what the series writes (GENERATED_PATHS).
-
-    A symbolic link, or any other file (a user's notes, d2l's own download
-    with a file of its own), makes it False.
-    """
-    folder = pathlib.Path(folder)
-    for path in folder.rglob("*"):
-        relative = path.relative_to(folder).as_posix()
-        if path.is_symlink():
-            return False
-        if relative != MARKER_FILE and not any(re.fullmatch(pattern, relative) for pattern in GENERATED_PATHS):
-            return False
-    return True
-
-
-def check_replaceable(root):
-    """Raise FileExistsError unless the series may replace ``root``.
-
-    It may when root does not exist, is an empty folder, or is a dataset it
-    generated itself (marker file present, nothing else added). Anything else
-    belongs to the user and is never deleted.
-    """
-    root = pathlib.Path(root)
-    if not root.exists() and not root.is_symlink():
-        return
-    if pathlib.Path.cwd().resolve().is_relative_to(root.resolve()):
-        raise FileExistsError(f"{root} is the current folder (or holds it): pass a new subfolder as root, "
-                              "such as 'data/bananas'. Nothing was changed.")
-    if root.is_dir() and not root.is_symlink():
-        if not any(root.iterdir()) or ((root / MARKER_FILE).is_file() and is_generated_layout(root)):
-            return
-        names = sorted(path.name for path in root.iterdir())
-        listing = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-        raise FileExistsError(
-            f"{root} already exists and is not a dataset this series generated (it holds {listing}). "
-            "Nothing was changed. Pass a new or empty folder as root. To read a dataset you already "
-            "have, use read_detection_folder(folder) or load_data_bananas(batch_size, root=folder).")
-    raise FileExistsError(f"{root} exists and is not a folder; nothing was changed. Pass a new folder as root.")
-
-
-def remove_stale_temporaries(root, fresh, max_age_s=3600):
-    """Delete "<root>.tmp-XXXXXXXX" siblings left by runs killed > max_age_s ago.
-
-    fresh: the folder we just created; its mtime serves as "now". Younger
-    folders are left alone: they may belong to a run still in progress. A
-    folder is deleted only if it holds nothing but generated files.
-    """
-    now = os.path.getmtime(fresh)
-    pattern = re.escape(root.name) + r"\.tmp-[a-z0-9_]{8}"
-    for path in root.parent.glob(root.name + ".tmp-*"):
-        if (re.fullmatch(pattern, path.name) and path.is_dir() and not path.is_symlink()
-                and os.path.getmtime(path) < now - max_age_s and is_generated_layout(path)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def progress_ticker(progress, total):
-    """Turn the `progress` argument into (tick, close) callables.
-
-    progress: None/False (silent), True (a tqdm bar) or a callable
-    f(done, total) called after every image.
-    """
-    if callable(progress):
-        done = [0]
-
-        def tick():
-            done[0] += 1
-            progress(done[0], total)
-        return tick, lambda: None
-    if progress:
-        bar = tqdm.auto.tqdm(total=total, desc="generating images")
-        return lambda: bar.update(1), bar.close
-    return lambda: None, lambda: None
-
-
-def build_atomically(root, params, write):
-    """Create the dataset folder `root` all at once, or reuse a finished one.
-
-    If root already holds a marker matching params, return at once.
-    Otherwise write(tmp) fills a fresh temporary sibling folder, the marker
-    is added last, and the folder is renamed to root. Only an empty folder or
-    a dataset the series generated itself is ever replaced (check_replaceable):
-    a user's folder raises FileExistsError before anything is written. A crash
-    never leaves a half-written root behind. Returns root as a pathlib.Path.
-    """
-    root = pathlib.Path(os.path.abspath(root))
-    if is_complete(root, params):
-        return root
-    check_replaceable(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
-    remove_stale_temporaries(root, tmp)
-    try:
-        write(tmp)
-        (tmp / MARKER_FILE).write_text(marker_text(params))
-        if not is_complete(root, params):  # another process may have won
-            check_replaceable(root)  # again, right before deleting anything
-            if root.is_dir():
-                shutil.rmtree(root)
-            os.replace(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
-
-
-def generate_detection_dataset(root, prefix, scene, seed, num_train, num_val,
-                               progress, kind):
-    """Shared body of the generate_* functions: writes root/<prefix>_train
-    and root/<prefix>_val with `scene` (see write_split); returns root."""
-    params = dict(kind=kind, version=FORMAT_VERSION, seed=seed,
-                  num_train=num_train, num_val=num_val)
-
-    def write(tmp):
-        tick, close = progress_ticker(progress, num_train + num_val)
-        try:
-            for split, count in (("train", num_train), ("val", num_val)):
-                write_split(tmp / f"{prefix}_{split}", f"{kind}:{split}",
-                            seed, count, scene, tick)
-        finally:
-            close()
-    return build_atomically(root, params, write)
-
+# 6a. Making the datasets (how the images are drawn is in the appendix)
 
 def generate_banana_detection(root=None, seed=0,
                               num_train=1000, num_val=100, progress=None):
@@ -1561,7 +691,7 @@ def generate_banana_detection(root=None, seed=0,
     progress: None, True (tqdm bar) or f(done, total).
     """
     root = DATA_DIR / "banana-detection" if root is None else root
-    return generate_detection_dataset(root, "bananas", banana_scene, seed,
+    return _generate_detection_dataset(root, "bananas", _banana_scene, seed,
                                       num_train, num_val, progress, "bananas")
 
 
@@ -1570,9 +700,9 @@ def generate_small_bananas(root=None, seed=0,
     """Like generate_banana_detection but the banana boxes are only 15..30
     px per side (a harder split); same layout, folder names and CSV."""
     def scene(rng, photos):
-        return banana_scene(rng, photos, SMALL_BANANA_BOX)
+        return _banana_scene(rng, photos, SMALL_BANANA_BOX)
     root = DATA_DIR / "banana-detection-small" if root is None else root
-    return generate_detection_dataset(root, "bananas", scene, seed, num_train,
+    return _generate_detection_dataset(root, "bananas", scene, seed, num_train,
                                       num_val, progress, "small-bananas")
 
 
@@ -1588,69 +718,11 @@ def generate_fruit_detection(root=None, seed=0,
     a single row with the five other fields empty, e.g. "7.png,,,,,".
     """
     root = DATA_DIR / "fruit-detection" if root is None else root
-    return generate_detection_dataset(root, "fruit", fruit_scene, seed,
+    return _generate_detection_dataset(root, "fruit", _fruit_scene, seed,
                                       num_train, num_val, progress, "fruit")
 
 
-def boxes_overlap(boxes):
-    """True if any two (class, xmin, ymin, xmax, ymax) rows intersect."""
-    for i in range(len(boxes)):
-        for j in range(i):
-            a, b = boxes[i, 1:], boxes[j, 1:]
-            if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]:
-                return True
-    return False
-
-
-def make_test_scene(path_jpg="img/banana.jpg", path_csv="img/banana.csv", seed=0, overwrite=False):
-    """Write a 256x256 JPEG (quality 95) with 3-4 separate bananas + labels.
-
-    Banana box sides are spread over ~30..80 px, at random angles, on a
-    bright colour photo; scenes are re-drawn until no two boxes overlap
-    and all bananas lie fully inside the frame.
-    path_csv gets the usual header and one row per banana, img_name being
-    the JPEG's file name. Deterministic in seed. Returns boxes int64 (n, 5).
-    An existing file with other contents is replaced only with overwrite=True.
-    """
-    rng = image_rng(seed, "test-scene", 0)
-    photos = load_backgrounds(TEST_SCENE_FILES)
-    sizes = [(30, 46), (38, 58), (46, 70), (54, 80)]
-    count = int(rng.integers(3, 5))
-    picked = sorted(rng.choice(len(sizes), count, replace=False).tolist())
-    objects = [(BANANA, *sizes[i]) for i in picked]
-    size = IMAGE_SIZE
-    while True:
-        image, boxes, _ = render_scene(rng, photos, objects, size)
-        if (len(boxes) == count and boxes[:, 1:3].min() > 0
-                and boxes[:, 3:5].max() < size and not boxes_overlap(boxes)):
-            break
-    path_jpg, path_csv = pathlib.Path(path_jpg), pathlib.Path(path_csv)
-    jpg = io.BytesIO()
-    Image.fromarray(image).save(jpg, format="JPEG", quality=95)
-    table = io.StringIO()
-    csv.writer(table, lineterminator="\n").writerows([CSV_HEADER, *csv_rows(path_jpg.name, boxes)])
-    contents = {path_jpg: jpg.getvalue(), path_csv: table.getvalue().encode()}
-    for path, data in contents.items():
-        if path.exists() and path.read_bytes() != data and not overwrite:
-            raise FileExistsError(f"{path} exists and differs from the test scene; nothing was written. "
-                                  "Pass another path, or overwrite=True to replace it.")
-    for path, data in contents.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    return boxes
-
-
-def draw_boxes(image, boxes, colours=((255, 255, 255), (0, 190, 255))):
-    """Copy of a uint8 (H, W, 3) image with boxes (n, 5) drawn as 1-px
-    rectangles; box columns xmin..xmax-1 are covered (exclusive max)."""
-    pil = Image.fromarray(image)
-    draw = ImageDraw.Draw(pil)
-    for class_id, x0, y0, x1, y1 in np.asarray(boxes).tolist():
-        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colours[class_id % len(colours)])
-    return np.asarray(pil)
-
-
-# 6g. Checking what a user gives us: one set of rules for the reader, the
+# 6b. Checking what a user gives us: one set of rules for the reader, the
 # training loop and detect. Each message says what was found, where, and what
 # to do about it.
 
@@ -1873,7 +945,7 @@ def check_labels(labels, num_classes=None, where="labels", ids=None):
                "Fix the corners or remove the row.")
 
 
-# 6h. Reading d2l's on-disk format back, with clear errors
+# 6c. Reading d2l's on-disk format back, with clear errors
 
 def _csv_text(csv_path):
     """The text of a CSV file: UTF-8, with or without the BOM Excel writes; else DatasetError."""
@@ -3537,7 +2609,7 @@ def export_dataset(root, fmt, splits, class_names):
             (tmp / ("JPEGImages" if fmt == "voc" else "images")).mkdir(exist_ok=True)
             writer(tmp, split, images, labels, class_names)
     params = dict(kind=f"{fmt}-export", version=FORMAT_VERSION, content=digest.hexdigest()[:16])
-    return build_atomically(root, params, write)
+    return _build_atomically(root, params, write)
 
 
 def _pixel_objects(image, label):
@@ -3697,6 +2769,942 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+# ---------------------------------------------------------------------------
+# Appendix: how the synthetic images are drawn (used by section 6, not taught)
+# ---------------------------------------------------------------------------
+
+# A1. Drawing helpers
+def _smoothstep(edge0, edge1, x):
+    """Smooth 0->1 ramp between edge0 and edge1 (works if edge0 > edge1).
+
+    x: float array of any shape; returns float32 array of the same shape.
+    """
+    u = np.clip((x - edge0) / (edge1 - edge0), 0.0, 1.0)
+    return (u * u * (3.0 - 2.0 * u)).astype(np.float32)
+
+
+def _mix(a, b, weight):
+    """Linear blend ``a + (b - a) * weight`` with weight (...,) or (..., 1).
+
+    a, b: colour arrays broadcastable to (..., 3); weight in [0, 1].
+    """
+    if np.ndim(weight) > 0:
+        weight = weight[..., None]
+    return a + (b - a) * weight
+
+
+def _sample_noise(grid, u, v):
+    """Bilinearly sample a 2-D noise grid at normalised coordinates.
+
+    grid: float32 (gu, gv); u, v: float arrays of equal shape, in [0, 1]
+    (values outside are clamped). Returns float32 array shaped like u.
+    """
+    gu, gv = grid.shape
+    x = np.clip(u, 0.0, 1.0) * (gu - 1)
+    y = np.clip(v, 0.0, 1.0) * (gv - 1)
+    x0 = np.minimum(x.astype(np.int32), gu - 2)
+    y0 = np.minimum(y.astype(np.int32), gv - 2)
+    fx, fy = _smoothstep(0, 1, x - x0), _smoothstep(0, 1, y - y0)  # rounder blobs
+    top = grid[x0, y0] * (1 - fy) + grid[x0, y0 + 1] * fy
+    bottom = grid[x0 + 1, y0] * (1 - fy) + grid[x0 + 1, y0 + 1] * fy
+    return (top * (1 - fx) + bottom * fx).astype(np.float32)
+
+
+def _random_light(rng):
+    """A random key-light direction: unit float32 vector (x, y, z).
+
+    x points right and y down in the image, z towards the camera; the
+    light always comes from the camera's side (z between 0.45 and 0.8).
+    """
+    azimuth = rng.uniform(0, 2 * math.pi)
+    z = rng.uniform(0.45, 0.8)
+    r = math.sqrt(1 - z * z)
+    return np.array([r * math.cos(azimuth), r * math.sin(azimuth), z],
+                    dtype=np.float32)
+
+
+def _local_grid(canvas_hw, scale, angle, center):
+    """Map supersampled canvas pixel centres into an object's local frame.
+
+    canvas_hw: (h, w) of the final sprite in pixels; scale: pixels per
+    local unit; angle: rotation in radians (local -> image); center: local
+    (x, y) drawn at the canvas centre. Returns float32 arrays (x, y) of
+    shape (h * SUPERSAMPLE, w * SUPERSAMPLE).
+    """
+    h, w = canvas_hw
+    ys = (np.arange(h * SUPERSAMPLE) + 0.5) / SUPERSAMPLE - h / 2
+    xs = (np.arange(w * SUPERSAMPLE) + 0.5) / SUPERSAMPLE - w / 2
+    gx, gy = np.meshgrid(xs.astype(np.float32), ys.astype(np.float32))
+    c, s = math.cos(angle), math.sin(angle)
+    x = (c * gx + s * gy) / scale + center[0]
+    y = (-s * gx + c * gy) / scale + center[1]
+    return x, y
+
+
+def _to_local(vector_xy, angle):
+    """Rotate an image-space 2-D direction into the local frame (floats)."""
+    c, s = math.cos(angle), math.sin(angle)
+    return c * vector_xy[0] + s * vector_xy[1], -s * vector_xy[0] + c * vector_xy[1]
+
+
+def _rotated_extent(points, angle):
+    """Bounding-box centre and size of local points after rotation.
+
+    points: float (N, 2) local (x, y). Returns (center_xy, (width, height))
+    in local units, the centre given back in local coordinates.
+    """
+    c, s = math.cos(angle), math.sin(angle)
+    rx = c * points[:, 0] - s * points[:, 1]
+    ry = s * points[:, 0] + c * points[:, 1]
+    mid = np.array([(rx.min() + rx.max()) / 2, (ry.min() + ry.max()) / 2])
+    center = np.array([c * mid[0] + s * mid[1], -s * mid[0] + c * mid[1]])
+    return center, (rx.max() - rx.min(), ry.max() - ry.min())
+
+
+def _finish_sprite(linear_rgb, coverage):
+    """Turn supersampled linear colour + coverage into a premultiplied sprite.
+
+    linear_rgb: float32 (H*S, W*S, 3) linear-light colour; coverage:
+    float32 (H*S, W*S) in [0, 1]. Box-filters S x S blocks (anti-aliasing),
+    converts to sRGB (gamma 2.2) and returns float32 (H, W, 4) premultiplied.
+    """
+    hs, ws = coverage.shape
+    h, w, k = hs // SUPERSAMPLE, ws // SUPERSAMPLE, SUPERSAMPLE
+    premult = np.concatenate([linear_rgb * coverage[..., None],
+                              coverage[..., None]], axis=2)
+    small = premult.reshape(h, k, w, k, 4).mean(axis=(1, 3))
+    alpha = small[..., 3:]
+    straight = np.clip(small[..., :3] / np.maximum(alpha, 1e-6), 0, 1)
+    srgb = straight ** (1 / 2.2)
+    return np.concatenate([srgb * alpha, alpha], axis=2).astype(np.float32)
+
+
+# A2. The banana sprite
+@dataclasses.dataclass(frozen=True)
+class _BananaShape:
+    """Random parameters of one banana, in local units (body length = 1).
+
+    The spine is a circular arc of angle ``bend`` (radians) and length 1;
+    ``t`` runs along it from 0 (stem end of the body) to 1 (flower tip).
+    The neck (stem) continues to ``t = -neck_len``, the tip nub to
+    ``1 + tip_len``. half_width: largest half-thickness; peak, fullness:
+    where the body is thickest and how blunt its ends are. Colours are
+    sRGB 0..1; green_ends, speckle, blotch: amounts of green ends, sugar
+    spots and brown bruises; facet: strength of the ridges; gloss: shine;
+    mirrored: stem on the other side; texture_seed: seeds the peel noise.
+    """
+    bend: float
+    half_width: float
+    peak: float
+    fullness: float
+    neck_len: float
+    neck_width: float
+    tip_len: float
+    colour: tuple
+    neck_colour: tuple
+    green_ends: float
+    speckle: float
+    blotch: float
+    facet: float
+    facet_offset: float
+    gloss: float
+    mirrored: bool
+    texture_seed: int
+
+
+def _random_banana_shape(rng):
+    """Draw a random _BananaShape (curvature, thickness, ripeness, ...)."""
+    ripeness = rng.uniform(1.7, 3.0) if rng.random() < 0.75 else rng.uniform(0.5, 1.7)
+    palette, i = np.array(RIPENESS_COLOURS), min(int(ripeness), 2)
+    colour = palette[i] + (ripeness - i) * (palette[i + 1] - palette[i])
+    colour = np.clip(colour * rng.uniform(0.92, 1.05) + rng.normal(0, 0.02, 3), 0, 1)
+    neck = np.array([0.42, 0.50, 0.16]) + (ripeness / 3) * np.array([0.16, 0.06, 0.02])
+    w = rng.uniform(0.095, 0.135)
+    return _BananaShape(
+        bend=rng.uniform(0.8, 1.6), half_width=w,
+        peak=rng.uniform(0.85, 1.2), fullness=rng.uniform(0.45, 0.7),
+        neck_len=rng.uniform(0.1, 0.17), neck_width=w * rng.uniform(0.34, 0.44),
+        tip_len=rng.uniform(0.015, 0.03),
+        colour=tuple(map(float, colour)), neck_colour=tuple(map(float, neck)),
+        green_ends=rng.uniform(0.2, 0.8) * (1.3 - ripeness / 3),
+        speckle=max(0.0, ripeness - 2.0) * rng.uniform(0.2, 1.0),
+        blotch=rng.uniform(0, 0.6) * (ripeness / 3),
+        facet=rng.uniform(0.5, 0.9), facet_offset=rng.uniform(-0.4, 0.4),
+        gloss=rng.uniform(0.1, 0.3), mirrored=bool(rng.random() < 0.5),
+        texture_seed=int(rng.integers(2**31)))
+
+
+def _banana_half_width(shape, t):
+    """Half-width (local units) of the banana at spine positions t (array).
+
+    A sin-shaped body (thick middle, rounded ends) merged smoothly into a
+    thin neck that flares a little at the cut stem end, plus a small nub
+    at the flower tip. Returns float32 array shaped like t.
+    """
+    u = np.clip(t, 0, 1) ** shape.peak
+    body = shape.half_width * np.maximum(np.sin(np.pi * u), 0) ** shape.fullness
+    flare = 1 + 0.3 * _smoothstep(-shape.neck_len + 0.04, -shape.neck_len, t)
+    neck = shape.neck_width * flare * (1 - _smoothstep(0.15, 0.45, t))
+    k = 0.5 * shape.neck_width  # softness of the body/neck junction
+    width = 0.5 * (body + neck + np.sqrt((body - neck) ** 2 + k * k))
+    nub = 0.25 * shape.half_width * np.sqrt(np.clip(1 - ((t - 1) / shape.tip_len) ** 2, 0, 1))
+    return np.maximum(width, nub).astype(np.float32)
+
+
+def _banana_outline(shape, n=64):
+    """Outline points of the banana in local (x, y): float (2n, 2).
+
+    The arc's centre is the local origin; the spine point at angle a is
+    R * (sin a, cos a) with R = 1 / bend (so the banana hangs below it).
+    """
+    t = np.linspace(-shape.neck_len, 1 + shape.tip_len, n)
+    w = _banana_half_width(shape, t)
+    radius = 1 / shape.bend
+    a = (t - 0.5) * shape.bend * (-1 if shape.mirrored else 1)
+    side = np.concatenate([radius + w, radius - w])
+    a = np.concatenate([a, a])
+    return np.stack([side * np.sin(a), side * np.cos(a)], axis=1)
+
+
+def _banana_geometry(shape, x, y):
+    """Spine coordinates of local points x, y (float arrays, same shape).
+
+    Returns a dict of arrays: t (position along the spine), s (signed
+    across-position, -1..1 from inner to outer edge), a (polar angle),
+    dw (slope of the half-width) and sd (approximate signed distance to
+    the outline in local units, negative inside).
+    """
+    sign = -1.0 if shape.mirrored else 1.0
+    a = np.arctan2(x, y)
+    t = 0.5 + sign * a / shape.bend
+    d = np.hypot(x, y) - 1 / shape.bend
+    table_t = np.linspace(-shape.neck_len - 0.01, 1 + shape.tip_len + 0.01, 256)
+    table_w = _banana_half_width(shape, table_t)
+    w = np.interp(t, table_t, table_w).astype(np.float32)
+    dw = np.interp(t, table_t, np.gradient(table_w, table_t)).astype(np.float32)
+    sd = (np.abs(d) - w) / np.sqrt(1 + dw * dw)
+    sd = np.maximum(sd, np.maximum(-shape.neck_len - t, t - 1 - shape.tip_len))
+    s = np.clip(d / np.maximum(w, 1e-4), -1, 1)
+    return dict(t=t, s=s, a=a, dw=dw, sd=sd)
+
+
+def _banana_albedo(shape, g):
+    """Peel colour (sRGB, float32 (..., 3)) at banana coordinates g.
+
+    g: dict from _banana_geometry. Adds lengthwise streaks, green ends, the
+    neck and its dark cut end, the dark flower tip, brown blotches and
+    sugar speckles; colour of the edges is slightly darker/olive.
+    """
+    noise = np.random.default_rng(shape.texture_seed)
+    t, s = g["t"], g["s"]
+    u = (t + shape.neck_len) / (1 + shape.neck_len + shape.tip_len)
+    v = (s + 1) / 2
+    streak = _sample_noise(noise.random((6, 40), dtype=np.float32), u, v)
+    colour = np.asarray(shape.colour, np.float32) * (0.93 + 0.14 * streak)[..., None]
+    green = np.maximum(_smoothstep(0.22, 0.0, t), 0.6 * _smoothstep(0.8, 1.0, t))
+    colour = _mix(colour, np.float32([0.50, 0.60, 0.16]), shape.green_ends * green)
+    colour = _mix(colour, np.float32(shape.neck_colour), _smoothstep(0.02, -0.05, t))
+    colour = _mix(colour, np.float32([0.30, 0.22, 0.10]),
+                 _smoothstep(-shape.neck_len + 0.035, -shape.neck_len + 0.01, t))
+    colour = _mix(colour, np.float32([0.16, 0.11, 0.06]), _smoothstep(0.955, 0.99, t))
+    blotch = _sample_noise(noise.random((9, 4), dtype=np.float32), u, v)
+    blotch = blotch * (0.7 + 0.6 * streak)  # ragged, not grid-aligned, edges
+    colour = _mix(colour, np.float32([0.55, 0.38, 0.12]),
+                 shape.blotch * _smoothstep(0.6, 1.0, blotch))
+    speck = _sample_noise(noise.random((110, 18), dtype=np.float32), u, v)
+    threshold = 0.93 - 0.12 * shape.speckle
+    colour = _mix(colour, np.float32([0.35, 0.22, 0.08]),
+                 min(1.0, 2 * shape.speckle) * _smoothstep(threshold, threshold + 0.05, speck))
+    return _mix(colour, colour * np.float32([0.75, 0.72, 0.55]), _smoothstep(0.7, 1.0, np.abs(s)))
+
+
+def _banana_shading(shape, g, light):
+    """Diffuse and specular light (float32 arrays) on the banana surface.
+
+    The body is treated as a tube whose cross-section is a rounded polygon
+    (the ridges of a banana): the normal turns across the width with angle
+    asin(s) and tilts along the spine where the width changes (dw). The
+    faces come from bending that angle with a sine: nearly flat in the
+    middle of a face, turning fast at a ridge. light: unit (x, y, z) in
+    the local frame. Returns (diffuse in [0, 1], specular >= 0).
+    """
+    angle = np.arcsin(g["s"])  # angle of the normal around the tube
+    face = math.pi / 2.6       # angular width of one face of the peel
+    phase = 2 * math.pi * (angle - shape.facet_offset) / face
+    angle = angle - shape.facet * face / (2 * math.pi) * np.sin(phase)
+    sign = -1.0 if shape.mirrored else 1.0
+    sin_a, cos_a = np.sin(g["a"]), np.cos(g["a"])
+    norm = np.sqrt(1 + g["dw"] ** 2)
+    n_r, n_z, n_t = np.sin(angle) / norm, np.cos(angle) / norm, -g["dw"] / norm
+
+    def dot(vec):  # normal . vec, with vec given in local (x, y, z)
+        along = sign * (vec[0] * cos_a - vec[1] * sin_a)
+        radial = vec[0] * sin_a + vec[1] * cos_a
+        return n_t * along + n_r * radial + n_z * vec[2]
+
+    wrap = 0.15  # soft, slightly translucent look of the peel
+    diffuse = np.clip((dot(light) + wrap) / (1 + wrap), 0, 1)
+    half = light + np.float32([0, 0, 1])
+    half = half / np.linalg.norm(half)
+    specular = shape.gloss * np.clip(dot(half), 0, 1) ** 12
+    return diffuse.astype(np.float32), specular.astype(np.float32)
+
+
+def _draw_banana(shape, scale, angle, light):
+    """Render a banana sprite: float32 premultiplied RGBA (h, w, 4).
+
+    scale: pixels per local unit (about the body length in px); angle:
+    rotation in radians; light: unit (x, y, z) key-light in image space.
+    The sprite is centred on the banana's bounding box with 2 px margin.
+    """
+    center, (bw, bh) = _rotated_extent(_banana_outline(shape), angle)
+    canvas = (math.ceil(bh * scale) + 4, math.ceil(bw * scale) + 4)
+    x, y = _local_grid(canvas, scale, angle, center)
+    g = _banana_geometry(shape, x, y)
+    coverage = np.clip(0.5 - g["sd"] * scale * SUPERSAMPLE, 0, 1)
+    inside = coverage > 0  # only colour the samples that are covered
+    g = {key: value[inside] for key, value in g.items()}
+    lx, ly = _to_local(light[:2], angle)
+    diffuse, specular = _banana_shading(shape, g, np.float32([lx, ly, light[2]]))
+    albedo = _banana_albedo(shape, g) ** 2.2
+    lit = np.zeros(coverage.shape + (3,), np.float32)
+    lit[inside] = albedo * (0.2 + 0.9 * diffuse)[..., None] + specular[..., None]
+    return _finish_sprite(lit, coverage)
+
+
+def banana_sprite(rng, size=64, angle=None, light=None):
+    """A random banana sprite whose box's longer side is about `size` px.
+
+    rng: np.random.Generator; angle: radians (random if None); light: unit
+    (x, y, z) (random if None). Returns float32 (h, w, 4) PREMULTIPLIED
+    RGBA in [0, 1] with a 2 px transparent margin.
+    """
+    shape = _random_banana_shape(rng)
+    angle = rng.uniform(0, 2 * math.pi) if angle is None else angle
+    light = _random_light(rng) if light is None else light
+    _, (bw, bh) = _rotated_extent(_banana_outline(shape), angle)
+    return _draw_banana(shape, size / max(bw, bh), angle, light)
+
+
+# A3. The orange sprite (second class of the multi-object variant)
+@dataclasses.dataclass(frozen=True)
+class _OrangeShape:
+    """Random parameters of one orange (local units: radius 1).
+
+    squash: height/width ratio; colour: sRGB peel colour; navel: local
+    (x, y) of the stem scar on the visible hemisphere (|navel| < 0.75).
+    """
+    squash: float
+    colour: tuple
+    navel: tuple
+    navel_size: float
+    bumpiness: float
+    gloss: float
+    texture_seed: int
+
+
+def _random_orange_shape(rng):
+    """Draw a random _OrangeShape (from yellow-orange to deep mandarin)."""
+    hue = rng.uniform(0, 1)
+    colour = np.array([0.98, 0.62, 0.10]) + hue * np.array([-0.02, -0.22, -0.06])
+    colour = np.clip(colour * rng.uniform(0.88, 1.02) + rng.normal(0, 0.015, 3), 0, 1)
+    radius, angle = 0.75 * math.sqrt(rng.random()), rng.uniform(0, 2 * math.pi)
+    return _OrangeShape(
+        squash=rng.uniform(0.88, 1.0), colour=tuple(map(float, colour)),
+        navel=(radius * math.cos(angle), radius * math.sin(angle)),
+        navel_size=rng.uniform(0.06, 0.11), bumpiness=rng.uniform(0.08, 0.18),
+        gloss=rng.uniform(0.12, 0.3), texture_seed=int(rng.integers(2**31)))
+
+
+def _orange_albedo(shape, x, y, z, noise):
+    """Peel colour (sRGB float32 (..., 3)) at visible sphere points x, y, z.
+
+    Slightly mottled, deeper orange towards the rim, with a dark olive stem
+    scar ringed by a small green calyx at shape.navel.
+    """
+    u, v = (x + 1) / 2, (y + 1) / 2
+    mottle = _sample_noise(noise.random((7, 7), dtype=np.float32), u, v)
+    colour = np.float32(shape.colour) * (0.92 + 0.14 * mottle)[..., None]
+    colour = _mix(colour, colour * np.float32([0.95, 0.75, 0.6]), 0.5 * (1 - z) ** 2)
+    nx, ny = shape.navel
+    nz = math.sqrt(max(0.0, 1 - nx * nx - ny * ny))
+    dist = np.sqrt((x - nx) ** 2 + (y - ny) ** 2 + (z - nz) ** 2)
+    calyx = _smoothstep(1.8 * shape.navel_size, 1.2 * shape.navel_size, dist)
+    colour = _mix(colour, np.float32([0.55, 0.55, 0.18]), 0.6 * calyx)
+    scar = _smoothstep(0.7 * shape.navel_size, 0.35 * shape.navel_size, dist)
+    return _mix(colour, np.float32([0.28, 0.24, 0.10]), scar)
+
+
+def _draw_orange(shape, scale, angle, light):
+    """Render an orange sprite: float32 premultiplied RGBA (h, w, 4).
+
+    scale: pixels per local unit (the radius in px); angle: radians;
+    light: unit (x, y, z) key-light in image space. Dimpled peel = the
+    sphere normal perturbed by fine noise, which also breaks up the
+    specular highlight.
+    """
+    side = math.ceil(2 * scale) + 4  # the rotated ellipse fits in the unit circle
+    canvas = (side, side)
+    x, y = _local_grid(canvas, scale, angle, (0.0, 0.0))
+    r = np.sqrt(x * x + (y / shape.squash) ** 2)
+    coverage = np.clip(0.5 - (r - 1) * scale * SUPERSAMPLE, 0, 1)
+    inside = coverage > 0
+    x, y = x[inside], y[inside] / shape.squash
+    z = np.sqrt(np.clip(1 - x * x - y * y, 0, 1))
+    noise = np.random.default_rng(shape.texture_seed)
+    u, v = (x + 1) / 2, (y + 1) / 2
+    bump = [_sample_noise(noise.random((48, 48), dtype=np.float32), u, v) - 0.5 for _ in range(2)]
+    normal = np.stack([x + shape.bumpiness * bump[0], y + shape.bumpiness * bump[1], z])
+    normal /= np.linalg.norm(normal, axis=0)
+    lx, ly = _to_local(light[:2], angle)
+    light = np.float32([lx, ly, light[2]])
+    diffuse = np.clip((light @ normal.reshape(3, -1) + 0.2) / 1.2, 0, 1)
+    half = (light + np.float32([0, 0, 1])) / np.linalg.norm(light + np.float32([0, 0, 1]))
+    specular = shape.gloss * np.clip(half @ normal.reshape(3, -1), 0, 1) ** 60
+    albedo = _orange_albedo(shape, x, y, z, noise) ** 2.2
+    lit = np.zeros(coverage.shape + (3,), np.float32)
+    lit[inside] = albedo * (0.25 + 0.85 * diffuse)[:, None] + specular[:, None]
+    return _finish_sprite(lit, coverage)
+
+
+def orange_sprite(rng, size=48, angle=None, light=None):
+    """A random orange sprite whose box's longer side is about `size` px.
+
+    Same conventions as banana_sprite: float32 (h, w, 4) PREMULTIPLIED
+    RGBA in [0, 1] with a 2 px transparent margin.
+    """
+    shape = _random_orange_shape(rng)
+    angle = rng.uniform(0, 2 * math.pi) if angle is None else angle
+    light = _random_light(rng) if light is None else light
+    return _draw_orange(shape, size / 2, angle, light)
+
+
+# A4. Backgrounds: real photos bundled with scikit-image
+def load_backgrounds(names=None):
+    """Load the background photos bundled with scikit-image (no download).
+
+    names: file names to load (default: all of BACKGROUND_FILES).
+    Returns a list of (PIL.Image, tint) pairs: colour photos are RGB
+    images with tint None; grey photos are mode "L" images with an RGB
+    tint (3 floats) used to colour them.
+    """
+    folder = pathlib.Path(skimage.data.__file__).parent
+    tints = dict(BACKGROUND_FILES)
+    photos = []
+    for name in names or tints:
+        tint = tints[name]
+        with Image.open(folder / name) as image:
+            photos.append((image.convert("L" if tint else "RGB"), tint))
+    return photos
+
+
+def _colour_jitter(rng, image):
+    """Random brightness, contrast, saturation and hue shift.
+
+    image: float32 (H, W, 3) in [0, 1]; returns a new array, same shape.
+    The hue shift rotates the colour around the grey axis (YIQ space).
+    """
+    grey = image @ np.float32([0.299, 0.587, 0.114])
+    image = grey[..., None] + rng.uniform(0.6, 1.3) * (image - grey[..., None])
+    image = image.mean() + rng.uniform(0.7, 1.2) * (image - image.mean())
+    image = image * rng.uniform(0.65, 1.2)
+    rgb_to_yiq = np.float32([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
+                             [0.211, -0.523, 0.312]])
+    hue = rng.uniform(-0.25, 0.25)  # radians
+    c, s = math.cos(hue), math.sin(hue)
+    rotate = np.float32([[1, 0, 0], [0, c, -s], [0, s, c]])
+    matrix = np.linalg.inv(rgb_to_yiq) @ rotate @ rgb_to_yiq
+    return np.clip(image @ matrix.T.astype(np.float32), 0, 1)
+
+
+def random_background(rng, photos, size=IMAGE_SIZE):
+    """A random crop of a random photo: float32 (size, size, 3) in [0, 1].
+
+    The square crop covers 30-100% of the photo's shorter side, is
+    resized to `size`, maybe mirrored, tinted if grey and colour-jittered.
+    """
+    image, tint = photos[rng.integers(len(photos))]
+    w, h = image.size
+    side = rng.uniform(0.3, 1.0) * min(w, h)
+    x0, y0 = rng.uniform(0, w - side), rng.uniform(0, h - side)
+    crop = image.resize((size, size), Image.BILINEAR, box=(x0, y0, x0 + side, y0 + side))
+    pixels = np.asarray(crop, dtype=np.float32) / 255
+    if tint is not None:
+        tint = np.float32(tint) * rng.uniform(0.9, 1.1, 3).astype(np.float32)
+        pixels = pixels[..., None] * tint / tint.max()
+    if rng.random() < 0.5:
+        pixels = pixels[:, ::-1]
+    return _colour_jitter(rng, pixels)
+
+
+# A5. Scenes: sprites pasted on backgrounds, with exact boxes
+def _orange_outline(shape, n=64):
+    """Outline points of the orange in local (x, y): float (n, 2)."""
+    a = np.linspace(0, 2 * math.pi, n, endpoint=False)
+    return np.stack([np.cos(a), shape.squash * np.sin(a)], axis=1)
+
+
+def _sprite_functions(class_id):
+    """(random shape, outline points, renderer) functions for a class id."""
+    if class_id == BANANA:
+        return _random_banana_shape, _banana_outline, _draw_banana
+    return _random_orange_shape, _orange_outline, _draw_orange
+
+
+def _sample_sprite(rng, class_id, side_range, light):
+    """Render a random object whose box sides fall inside side_range (px).
+
+    Tries random shapes/angles until the box aspect (long side / short
+    side) is at most min(MAX_ASPECT, hi / lo), then picks a scale so that
+    both box sides lie in [lo, hi] (after 50 failed tries the last shape
+    is used at the smallest fitting scale). Returns
+    (sprite float32 (h, w, 4) premultiplied, (box_w, box_h) predicted px).
+    """
+    random_shape, outline, draw = _sprite_functions(class_id)
+    lo, hi = side_range
+    for _ in range(50):
+        shape, angle = random_shape(rng), rng.uniform(0, 2 * math.pi)
+        _, (bw, bh) = _rotated_extent(outline(shape), angle)
+        if max(bw, bh) <= min(MAX_ASPECT, hi / lo) * min(bw, bh):
+            break
+    low, high = lo / min(bw, bh), hi / max(bw, bh)
+    scale = rng.uniform(low, max(low, high))
+    return draw(shape, scale, angle, light), (bw * scale, bh * scale)
+
+
+def _random_position(rng, sprite_hw, box_wh, size):
+    """Top-left (y0, x0) ints for a sprite so that at most MAX_OUTSIDE of
+    its box (centred in the sprite) leaves the frame on any side."""
+    (h, w), (bw, bh) = sprite_hw, box_wh
+    keep = 0.5 - MAX_OUTSIDE
+    cx = rng.uniform(keep * bw, size - keep * bw)
+    cy = rng.uniform(keep * bh, size - keep * bh)
+    return int(round(cy - h / 2)), int(round(cx - w / 2))
+
+
+def _overlap(y0, x0, h, w, size):
+    """Slices (frame, sprite) where an (h, w) sprite at (y0, x0) meets a
+    size x size frame; either may be empty."""
+    ya, xa = max(y0, 0), max(x0, 0)
+    yb, xb = min(y0 + h, size), min(x0 + w, size)
+    frame = (slice(ya, max(ya, yb)), slice(xa, max(xa, xb)))
+    sprite = (slice(ya - y0, max(ya, yb) - y0), slice(xa - x0, max(xa, xb) - x0))
+    return frame, sprite
+
+
+def _frame_alpha(sprite, y0, x0, size):
+    """The sprite's alpha pasted into an empty float32 (size, size) frame."""
+    alpha = np.zeros((size, size), np.float32)
+    frame, part = _overlap(y0, x0, *sprite.shape[:2], size)
+    alpha[frame] = sprite[part][..., 3]
+    return alpha
+
+
+def _tight_box(mask):
+    """Tight box of a non-empty bool (H, W) mask: ints (xmin, ymin, xmax,
+    ymax) with exclusive max (xmax = last column + 1)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def _visible_masks(alphas, full_counts):
+    """Decide which objects stay visible once later ones are drawn on top.
+
+    alphas: list of float32 (H, W) frame alphas, in drawing order;
+    full_counts: pixels each sprite would cover if alone and unclipped.
+    An object's visible alpha is its alpha times the transparency of every
+    KEPT object drawn after it; its mask is visible alpha > ALPHA_THRESHOLD.
+    Objects keeping < MIN_VISIBLE of their pixels or with a box side
+    < MIN_SIDE are dropped. Returns {index: bool mask} for kept objects.
+    """
+    cover = np.ones_like(alphas[0]) if alphas else None
+    kept = {}
+    for i in reversed(range(len(alphas))):
+        mask = alphas[i] * cover > ALPHA_THRESHOLD
+        if mask.sum() < MIN_VISIBLE * max(full_counts[i], 1):
+            continue
+        x0, y0, x1, y1 = _tight_box(mask)
+        if min(x1 - x0, y1 - y0) >= MIN_SIDE:
+            kept[i] = mask
+            cover = cover * (1 - alphas[i])
+    return kept
+
+
+def _blur(image, radius):
+    """Gaussian blur of a float32 (H, W) or (H, W, 3) image in [0, 1]."""
+    if radius <= 0:
+        return image
+    pil = Image.fromarray(np.uint8(np.clip(image, 0, 1) * 255 + 0.5))
+    return np.asarray(pil.filter(ImageFilter.GaussianBlur(radius)), np.float32) / 255
+
+
+def _cast_shadow(rng, image, sprite, y0, x0, light):
+    """Darken image (float32 (H, W, 3)) under a soft, offset copy of the
+    alpha of a sprite that will be pasted at (y0, x0).
+
+    The shadow falls away from the light: offset = -light.xy * 2..6 px,
+    blurred by 2..4 px, darkening by up to 30..50%. Returns a new image.
+    """
+    distance = rng.uniform(2, 6)
+    dy, dx = (int(round(-light[i] * distance)) for i in (1, 0))
+    shifted = _frame_alpha(sprite, y0 + dy, x0 + dx, image.shape[0])
+    shadow = _blur(shifted, rng.uniform(2, 4))
+    return image * (1 - rng.uniform(0.3, 0.5) * shadow)[..., None]
+
+
+def _match_lighting(sprite, patch):
+    """Nudge a sprite's colour towards the scene behind it (subtle).
+
+    sprite: float32 (h, w, 4) premultiplied; patch: float32 (h, w, 3) of
+    the image behind it. Darker scenes darken the sprite a little and the
+    scene's average colour tints it slightly. Returns a new sprite.
+    """
+    weight = sprite[..., 3:] + 1e-6
+    mean = (patch * weight).sum(axis=(0, 1)) / weight.sum()
+    level = max(float(mean.mean()), 1e-3)
+    gain = np.clip((level / 0.45) ** 0.2, 0.8, 1.1)
+    tint = np.clip((mean / level) ** 0.05, 0.96, 1.04)
+    out = sprite.copy()
+    out[..., :3] = np.minimum(sprite[..., :3] * gain * tint, sprite[..., 3:])
+    return out
+
+
+def _paste(image, sprite, y0, x0):
+    """Alpha-composite a premultiplied sprite onto image in place."""
+    frame, part = _overlap(y0, x0, *sprite.shape[:2], image.shape[0])
+    piece = sprite[part]
+    image[frame] = piece[..., :3] + (1 - piece[..., 3:]) * image[frame]
+
+
+def _camera_finish(rng, image):
+    """Slight optical blur and sensor noise; float32 (H, W, 3) -> uint8.
+
+    The noise is the same in the three channels (brightness noise only),
+    which is cheaper to draw and looks like a photo's grain.
+    """
+    if rng.random() < 0.7:
+        image = _blur(image, rng.uniform(0.3, 0.8))
+    noise = rng.standard_normal(image.shape[:2] + (1,), dtype=np.float32)
+    image = image + noise * np.float32(rng.uniform(0.5, 2.5) / 255)
+    return np.uint8(np.clip(image, 0, 1) * 255 + 0.5)
+
+
+def render_scene(rng, photos, objects, size=IMAGE_SIZE):
+    """Render one photo-like scene with fruit on a real photo background.
+
+    rng: np.random.Generator; photos: list from load_backgrounds();
+    objects: list of (class_id, min_side, max_side), box sides in px, in
+    drawing order (later objects occlude earlier ones).
+    Returns (image uint8 (size, size, 3), boxes int64 (n, 5) with rows
+    (class_id, xmin, ymin, xmax, ymax), masks bool (n, size, size) of the
+    visible pixels). n <= len(objects): nearly hidden objects are dropped
+    (and not drawn). Boxes are the tight boxes of the masks, xmax/ymax
+    exclusive (see module docstring).
+    """
+    light = _random_light(rng)
+    image = random_background(rng, photos, size)
+    placed = []
+    for class_id, lo, hi in objects:
+        sprite, box_wh = _sample_sprite(rng, class_id, (lo, hi), light)
+        y0, x0 = _random_position(rng, sprite.shape[:2], box_wh, size)
+        placed.append((class_id, sprite, y0, x0))
+    alphas = [_frame_alpha(s, y0, x0, size) for _, s, y0, x0 in placed]
+    counts = [(s[..., 3] > ALPHA_THRESHOLD).sum() for _, s, _, _ in placed]
+    kept = _visible_masks(alphas, counts)
+    boxes, masks = [], []
+    for i, (class_id, sprite, y0, x0) in enumerate(placed):
+        if i in kept:
+            image = _cast_shadow(rng, image, sprite, y0, x0, light)
+            frame, part = _overlap(y0, x0, *sprite.shape[:2], size)
+            sprite = sprite.copy()
+            sprite[part] = _match_lighting(sprite[part], image[frame])
+            _paste(image, sprite, y0, x0)
+            boxes.append((class_id, *_tight_box(kept[i])))
+            masks.append(kept[i])
+    boxes = np.array(boxes, dtype=np.int64).reshape(-1, 5)
+    masks = np.array(masks, dtype=bool).reshape(-1, size, size)
+    return _camera_finish(rng, image), boxes, masks
+
+
+# A6. Writing datasets in d2l's on-disk format, atomically
+
+
+def _image_rng(seed, name, index):
+    """Independent random generator for one image.
+
+    The generator is seeded with the triple (seed, tag, index), where tag
+    is a 32-bit number derived from the string `name` (e.g.
+    "bananas:train") with sha256. So every image has its own stream of
+    random numbers: it does not depend on which images were made before
+    it, and train/val/other datasets never share streams.
+    """
+    tag = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+    return np.random.default_rng([seed, tag, index])
+
+
+def _banana_scene(rng, photos, side_range=BANANA_BOX):
+    """One image with exactly one banana: (uint8 (256, 256, 3), boxes (1, 5)).
+
+    Re-renders (with the same rng, so still deterministic) in the rare case
+    the banana ends up mostly outside the frame and gets dropped.
+    """
+    while True:
+        image, boxes, _ = render_scene(rng, photos, [(BANANA, *side_range)])
+        if len(boxes) == 1:
+            return image, boxes
+
+
+def _fruit_scene(rng, photos):
+    """One image with 0..MAX_FRUIT bananas/oranges: (uint8 image, boxes (n, 5)).
+
+    Classes are drawn 50/50. Boxes may be fewer than the objects asked
+    for: objects hidden behind others are dropped (see render_scene).
+    """
+    count = int(rng.integers(0, MAX_FRUIT + 1))
+    ranges = {BANANA: FRUIT_BANANA_BOX, ORANGE: ORANGE_BOX}
+    objects = [(c, *ranges[c]) for c in rng.integers(0, 2, count).tolist()]
+    image, boxes, _ = render_scene(rng, photos, objects)
+    return image, boxes
+
+
+def _csv_rows(img_name, boxes):
+    """CSV rows for one image: one [img_name, label, xmin, ymin, xmax, ymax]
+    per box; an image without boxes gets one row with five empty fields."""
+    if len(boxes) == 0:
+        return [[img_name, "", "", "", "", ""]]
+    return [[img_name, *(int(v) for v in box)] for box in boxes]
+
+
+def _write_csv(path, rows):
+    """Write CSV_HEADER and rows to path (Unix newlines, deterministic)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(CSV_HEADER)
+        writer.writerows(rows)
+
+
+def _write_split(folder, tag, seed, count, scene, tick):
+    """Render `count` images into folder/images/N.png plus folder/label.csv.
+
+    scene(rng, photos) -> (uint8 image, boxes (n, 5)); the rng of image N
+    is _image_rng(seed, tag, N), tag naming dataset and split, such as
+    "bananas:train". tick() is called once per image.
+    """
+    photos = load_backgrounds()
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for index in range(count):
+        image, boxes = scene(_image_rng(seed, tag, index), photos)
+        Image.fromarray(image).save(folder / "images" / f"{index}.png",
+                                    compress_level=PNG_COMPRESSION)
+        rows += _csv_rows(f"{index}.png", boxes)
+        tick()
+    _write_csv(folder / "label.csv", rows)
+
+
+def _marker_text(params):
+    """Content of the completion marker: one "key=value" line per item."""
+    return "".join(f"{key}={value}\n" for key, value in params.items())
+
+
+def _is_complete(root, params):
+    """True if root holds a finished dataset made with exactly `params`."""
+    marker = pathlib.Path(root) / MARKER_FILE
+    return marker.is_file() and marker.read_text() == _marker_text(params)
+
+
+# Paths (relative, POSIX) that the series writes into a dataset folder: d2l's
+# layout from the generate_* functions, and the VOC, COCO and CSV exports of 11_your_own_data.
+GENERATED_PATHS = (
+    r"[a-z-]+_(train|val)", r"[a-z-]+_(train|val)/label\.csv", r"[a-z-]+_(train|val)/images",
+    r"[a-z-]+_(train|val)/images/\d+\.png",
+    r"Annotations", r"Annotations/\w+\.xml", r"JPEGImages", r"JPEGImages/\w+\.png",
+    r"ImageSets", r"ImageSets/Main", r"ImageSets/Main/\w+\.txt", r"images", r"images/\w+\.png",
+    r"\w+\.json", r"\w+\.csv",
+)
+
+
+def _is_generated_layout(folder):
+    """True if ``folder`` holds nothing but what the series writes (GENERATED_PATHS).
+
+    A symbolic link, or any other file (a user's notes, d2l's own download
+    with a file of its own), makes it False.
+    """
+    folder = pathlib.Path(folder)
+    for path in folder.rglob("*"):
+        relative = path.relative_to(folder).as_posix()
+        if path.is_symlink():
+            return False
+        if relative != MARKER_FILE and not any(re.fullmatch(pattern, relative) for pattern in GENERATED_PATHS):
+            return False
+    return True
+
+
+def _check_replaceable(root):
+    """Raise FileExistsError unless the series may replace ``root``.
+
+    It may when root does not exist, is an empty folder, or is a dataset it
+    generated itself (marker file present, nothing else added). Anything else
+    belongs to the user and is never deleted.
+    """
+    root = pathlib.Path(root)
+    if not root.exists() and not root.is_symlink():
+        return
+    if pathlib.Path.cwd().resolve().is_relative_to(root.resolve()):
+        raise FileExistsError(f"{root} is the current folder (or holds it): pass a new subfolder as root, "
+                              "such as 'data/bananas'. Nothing was changed.")
+    if root.is_dir() and not root.is_symlink():
+        if not any(root.iterdir()) or ((root / MARKER_FILE).is_file() and _is_generated_layout(root)):
+            return
+        names = sorted(path.name for path in root.iterdir())
+        listing = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise FileExistsError(
+            f"{root} already exists and is not a dataset this series generated (it holds {listing}). "
+            "Nothing was changed. Pass a new or empty folder as root. To read a dataset you already "
+            "have, use read_detection_folder(folder) or load_data_bananas(batch_size, root=folder).")
+    raise FileExistsError(f"{root} exists and is not a folder; nothing was changed. Pass a new folder as root.")
+
+
+def _remove_stale_temporaries(root, fresh, max_age_s=3600):
+    """Delete "<root>.tmp-XXXXXXXX" siblings left by runs killed > max_age_s ago.
+
+    fresh: the folder we just created; its mtime serves as "now". Younger
+    folders are left alone: they may belong to a run still in progress. A
+    folder is deleted only if it holds nothing but generated files.
+    """
+    now = os.path.getmtime(fresh)
+    pattern = re.escape(root.name) + r"\.tmp-[a-z0-9_]{8}"
+    for path in root.parent.glob(root.name + ".tmp-*"):
+        if (re.fullmatch(pattern, path.name) and path.is_dir() and not path.is_symlink()
+                and os.path.getmtime(path) < now - max_age_s and _is_generated_layout(path)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _progress_ticker(progress, total):
+    """Turn the `progress` argument into (tick, close) callables.
+
+    progress: None/False (silent), True (a tqdm bar) or a callable
+    f(done, total) called after every image.
+    """
+    if callable(progress):
+        done = [0]
+
+        def tick():
+            done[0] += 1
+            progress(done[0], total)
+        return tick, lambda: None
+    if progress:
+        bar = tqdm.auto.tqdm(total=total, desc="generating images")
+        return lambda: bar.update(1), bar.close
+    return lambda: None, lambda: None
+
+
+def _build_atomically(root, params, write):
+    """Create the dataset folder `root` all at once, or reuse a finished one.
+
+    If root already holds a marker matching params, return at once.
+    Otherwise write(tmp) fills a fresh temporary sibling folder, the marker
+    is added last, and the folder is renamed to root. Only an empty folder or
+    a dataset the series generated itself is ever replaced (_check_replaceable):
+    a user's folder raises FileExistsError before anything is written. A crash
+    never leaves a half-written root behind. Returns root as a pathlib.Path.
+    """
+    root = pathlib.Path(os.path.abspath(root))
+    if _is_complete(root, params):
+        return root
+    _check_replaceable(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
+    _remove_stale_temporaries(root, tmp)
+    try:
+        write(tmp)
+        (tmp / MARKER_FILE).write_text(_marker_text(params))
+        if not _is_complete(root, params):  # another process may have won
+            _check_replaceable(root)  # again, right before deleting anything
+            if root.is_dir():
+                shutil.rmtree(root)
+            os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _generate_detection_dataset(root, prefix, scene, seed, num_train, num_val,
+                               progress, kind):
+    """Shared body of the generate_* functions: writes root/<prefix>_train
+    and root/<prefix>_val with `scene` (see _write_split); returns root."""
+    params = dict(kind=kind, version=FORMAT_VERSION, seed=seed,
+                  num_train=num_train, num_val=num_val)
+
+    def write(tmp):
+        tick, close = _progress_ticker(progress, num_train + num_val)
+        try:
+            for split, count in (("train", num_train), ("val", num_val)):
+                _write_split(tmp / f"{prefix}_{split}", f"{kind}:{split}",
+                            seed, count, scene, tick)
+        finally:
+            close()
+    return _build_atomically(root, params, write)
+
+
+def _boxes_overlap(boxes):
+    """True if any two (class, xmin, ymin, xmax, ymax) rows intersect."""
+    for i in range(len(boxes)):
+        for j in range(i):
+            a, b = boxes[i, 1:], boxes[j, 1:]
+            if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]:
+                return True
+    return False
+
+
+def make_test_scene(path_jpg="img/banana.jpg", path_csv="img/banana.csv", seed=0, overwrite=False):
+    """Write a 256x256 JPEG (quality 95) with 3-4 separate bananas + labels.
+
+    Banana box sides are spread over ~30..80 px, at random angles, on a
+    bright colour photo; scenes are re-drawn until no two boxes overlap
+    and all bananas lie fully inside the frame.
+    path_csv gets the usual header and one row per banana, img_name being
+    the JPEG's file name. Deterministic in seed. Returns boxes int64 (n, 5).
+    An existing file with other contents is replaced only with overwrite=True.
+    """
+    rng = _image_rng(seed, "test-scene", 0)
+    photos = load_backgrounds(TEST_SCENE_FILES)
+    sizes = [(30, 46), (38, 58), (46, 70), (54, 80)]
+    count = int(rng.integers(3, 5))
+    picked = sorted(rng.choice(len(sizes), count, replace=False).tolist())
+    objects = [(BANANA, *sizes[i]) for i in picked]
+    size = IMAGE_SIZE
+    while True:
+        image, boxes, _ = render_scene(rng, photos, objects, size)
+        if (len(boxes) == count and boxes[:, 1:3].min() > 0
+                and boxes[:, 3:5].max() < size and not _boxes_overlap(boxes)):
+            break
+    path_jpg, path_csv = pathlib.Path(path_jpg), pathlib.Path(path_csv)
+    jpg = io.BytesIO()
+    Image.fromarray(image).save(jpg, format="JPEG", quality=95)
+    table = io.StringIO()
+    csv.writer(table, lineterminator="\n").writerows([CSV_HEADER, *_csv_rows(path_jpg.name, boxes)])
+    contents = {path_jpg: jpg.getvalue(), path_csv: table.getvalue().encode()}
+    for path, data in contents.items():
+        if path.exists() and path.read_bytes() != data and not overwrite:
+            raise FileExistsError(f"{path} exists and differs from the test scene; nothing was written. "
+                                  "Pass another path, or overwrite=True to replace it.")
+    for path, data in contents.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return boxes
+
+
+def draw_boxes(image, boxes, colours=((255, 255, 255), (0, 190, 255))):
+    """Copy of a uint8 (H, W, 3) image with boxes (n, 5) drawn as 1-px
+    rectangles; box columns xmin..xmax-1 are covered (exclusive max)."""
+    pil = Image.fromarray(image)
+    draw = ImageDraw.Draw(pil)
+    for class_id, x0, y0, x1, y1 in np.asarray(boxes).tolist():
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colours[class_id % len(colours)])
+    return np.asarray(pil)
 
 
 if __name__ == "__main__":

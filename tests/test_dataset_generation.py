@@ -42,7 +42,7 @@ def test_sprite_is_premultiplied_rgba(make):
     assert sprite.min() >= 0 and sprite.max() <= 1
     assert np.all(sprite[..., :3] <= sprite[..., 3:] + 1e-6)  # premultiplied
     assert np.all(sprite[[0, -1], :, 3] == 0) and np.all(sprite[:, [0, -1], 3] == 0)
-    box = bd.tight_box(sprite[..., 3] > bd.ALPHA_THRESHOLD)
+    box = bd._tight_box(sprite[..., 3] > bd.ALPHA_THRESHOLD)
     assert abs(max(box[2] - box[0], box[3] - box[1]) - 60) <= 2
 
 
@@ -80,7 +80,7 @@ def test_object_colours(photos):
 def test_banana_box_sizes(photos):
     sides = []
     for index in range(40):
-        _, boxes = bd.banana_scene(bd.image_rng(0, "sizes", index), photos)
+        _, boxes = bd._banana_scene(bd._image_rng(0, "sizes", index), photos)
         _, x0, y0, x1, y1 = boxes[0]
         if 0 < x0 and 0 < y0 and x1 < 256 and y1 < 256:  # not clipped
             sides += [x1 - x0, y1 - y0]
@@ -99,7 +99,7 @@ def test_same_seed_same_bytes(tmp_path):
 
 def test_images_do_not_depend_on_order(tmp_path, photos):
     root = bd.generate_banana_detection(tmp_path / "d", seed=3, num_train=6, num_val=2)
-    image, boxes = bd.banana_scene(bd.image_rng(3, "bananas:train", 5), photos)
+    image, boxes = bd._banana_scene(bd._image_rng(3, "bananas:train", 5), photos)
     saved = np.asarray(Image.open(root / "bananas_train" / "images" / "5.png"))
     assert np.array_equal(image, saved)
     row = read_rows(root / "bananas_train" / "label.csv")[6]
@@ -201,6 +201,6 @@ def test_test_scene(tmp_path):
     assert Image.open(jpg).size == (256, 256) and 3 <= len(boxes) <= 4
     rows = read_rows(table)
     assert rows[0] == list(bd.CSV_HEADER) and len(rows) == 1 + len(boxes)
-    assert not bd.boxes_overlap(boxes)
+    assert not bd._boxes_overlap(boxes)
     sides = np.concatenate([boxes[:, 3] - boxes[:, 1], boxes[:, 4] - boxes[:, 2]])
     assert 27 <= sides.min() and sides.max() <= 83

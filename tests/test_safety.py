@@ -1,7 +1,7 @@
 """Safety with a user's files and inputs: each test first reproduces a way the series once went wrong.
 
-The rules live in ssd_helpers section 6g (check_replaceable, image_to_uint8, open_image, check_images,
-check_labels) and in load_model / save_checkpoint; the reader, train_ssd and detect all use them.
+The rules live in ssd_helpers section 6 (image_to_uint8, open_image, check_images, check_labels), its
+appendix (_check_replaceable) and in load_model / save_checkpoint; the reader, train_ssd and detect all use them.
 """
 import os
 import shutil
