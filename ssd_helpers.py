@@ -369,10 +369,12 @@ def show_bboxes(axes, bboxes, labels=None, colors=None):
         color = colors[i % len(colors)]
         rect = bbox_to_rect(bbox, color)
         axes.add_patch(rect)
-        if labels and len(labels) > i:
-            axes.text(rect.xy[0], rect.xy[1], labels[i], va="center", ha="center",
-                      fontsize=9, color="k" if color == "w" else "w",
-                      bbox=dict(facecolor=color, lw=0))
+        if labels and len(labels) > i:  # above the box's top-left corner, or just inside at the image's top edge
+            top = min(axes.get_ylim())
+            inside = rect.xy[1] - top < 0.06 * abs(axes.get_ylim()[1] - axes.get_ylim()[0])
+            axes.text(rect.xy[0], rect.xy[1], labels[i], va="top" if inside else "bottom", ha="left",
+                      fontsize=8, color="k" if color in ("w", "y", "c") else "w",
+                      bbox=dict(facecolor=color, lw=0, pad=1.5, alpha=0.85))
 
 
 # ---------------------------------------------------------------------------
