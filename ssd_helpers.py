@@ -60,7 +60,7 @@ from torchvision.transforms import v2
 
 __all__ = [
     # 0. Set-up
-    "SSDConfig", "fast_mode", "pick_device", "set_seed",
+    "SSDConfig", "fast_mode", "pick_device", "set_seed", "scratch_folder",
     # 1. Prediction heads
     "cls_predictor", "bbox_predictor",
     # 2. Concatenation
@@ -156,6 +156,28 @@ def set_seed(seed=0):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+SCRATCH_MARKER = ".made-by-tinyssd"  # marks a scratch folder a notebook made and may empty again
+
+
+def scratch_folder(path, remove=False):
+    """An empty folder a notebook may fill and later delete; returns its Path. Introduced in 06_data.
+
+    The folder gets a marker file. An existing folder is emptied only if it has
+    the marker; a folder without it is the user's, and FileExistsError leaves
+    it alone. ``remove=True`` deletes the folder (marker required) instead.
+    """
+    path = pathlib.Path(path)
+    if path.exists():
+        if not (path / SCRATCH_MARKER).is_file():
+            raise FileExistsError(f"{path} exists and was not made by scratch_folder; nothing was deleted. "
+                                  "Move it away or choose another folder.")
+        shutil.rmtree(path)
+    if not remove:
+        path.mkdir(parents=True)
+        (path / SCRATCH_MARKER).write_text("a scratch folder of the TinySSD notebooks\n")
+    return path
 
 
 # ---------------------------------------------------------------------------
@@ -1305,6 +1327,11 @@ def lr_at(step, total_steps, steps_per_epoch, config):
     raise ValueError(f"schedule must be 'constant' or 'cosine', got {config.schedule!r}")
 
 
+def non_finite_tensors(state_dict):
+    """Names of the tensors of a state dict that hold NaN or inf (saving, loading and training refuse them)."""
+    return [name for name, value in state_dict.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+
+
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and what to do. Introduced in 08_prediction."""
 
@@ -1322,7 +1349,7 @@ def save_checkpoint(path, net, **extra):
                               "Save the model under another name.")
     state = {"state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
              "config": dataclasses.asdict(net.config), **extra}
-    bad = [k for k, v in state["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = non_finite_tensors(state["state_dict"])
     if bad:
         raise CheckpointError(f"not saving {path}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]})")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1447,8 +1474,7 @@ def train_ssd(net, train_data, config, device, val_data=None, checkpoint=None,
 
 def _check_before_training(net, train_data, val_data):
     """Refuse a model that already holds NaN, and data that fail check_images or check_labels."""
-    bad = [name for name, value in net.state_dict().items()
-           if value.is_floating_point() and not torch.isfinite(value).all()]
+    bad = non_finite_tensors(net.state_dict())
     if bad:
         raise FloatingPointError(f"the model already holds NaN or inf (in {bad[0]}) before training: start from a "
                                  "new TinySSD or reload a checkpoint with load_model")
@@ -1643,7 +1669,7 @@ def _check_state_dict(path, state, net):
                 hint = f"; the weights are for num_classes={classes}, its config says {net.config.num_classes}"
             raise CheckpointError(f"{path}: {key} is {tuple(state[key].shape)} in the file, the model built "
                                   f"from its config needs {tuple(value.shape)}{hint}")
-    bad = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    bad = non_finite_tensors(state)
     if bad:
         raise CheckpointError(f"{path}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}), so the "
                               "model would detect nothing. Training diverged before it was saved: use an "

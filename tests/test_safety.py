@@ -368,3 +368,17 @@ def test_nothing_outside_the_project_is_touched_by_reading(bananas, tmp_path):
     H.read_detection_folder(folder)
     assert before == {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
     assert os.listdir(tmp_path) == ["split"]
+
+
+def test_scratch_folders_never_take_a_users_folder(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    for remove in (False, True):
+        with pytest.raises(FileExistsError, match="not made by scratch_folder"):
+            H.scratch_folder(tmp_path / "mine", remove=remove)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+    scratch = H.scratch_folder(tmp_path / "scratch")
+    (scratch / "result.txt").write_text("old")
+    assert sorted(p.name for p in H.scratch_folder(scratch).iterdir()) == [H.SCRATCH_MARKER]  # emptied
+    H.scratch_folder(scratch, remove=True)
+    assert not scratch.exists()
