@@ -598,6 +598,19 @@ def blk_forward(X, blk, sizes, ratios, cls_predictor, bbox_predictor):
     return Y, anchors, cls_predictor(Y), bbox_predictor(Y)
 
 
+def _check_ssd_config(cfg):
+    """Raise ValueError for an SSDConfig TinySSD cannot be built from; returns cfg."""
+    if not len(cfg.sizes) == len(cfg.ratios) == 5:
+        raise ValueError("TinySSD has 5 blocks: give 5 entries of sizes and of ratios")
+    if len({len(s) + len(r) for s, r in zip(cfg.sizes, cfg.ratios)}) != 1:
+        raise ValueError("every scale must have the same number of anchors per pixel")
+    if cfg.class_names is not None and len(cfg.class_names) != cfg.num_classes:
+        raise ValueError(f"{len(cfg.class_names)} class_names for num_classes={cfg.num_classes}")
+    if (cfg.pixel_mean is None) != (cfg.pixel_std is None):
+        raise ValueError("give both pixel_mean and pixel_std, or neither")
+    return cfg
+
+
 class TinySSD(nn.Module):
     """Five blocks, each with a class head and a box head. Introduced in 05_model.
 
@@ -609,21 +622,11 @@ class TinySSD(nn.Module):
 
     def __init__(self, config=None, **overrides):
         super().__init__()
-        self.config = dataclasses.replace(config or SSDConfig(), **overrides)
-        cfg = self.config
-        if not len(cfg.sizes) == len(cfg.ratios) == 5:
-            raise ValueError("TinySSD has 5 blocks: give 5 entries of sizes and of ratios")
-        if len({len(s) + len(r) for s, r in zip(cfg.sizes, cfg.ratios)}) != 1:
-            raise ValueError("every scale must have the same number of anchors per pixel")
+        self.config = cfg = _check_ssd_config(dataclasses.replace(config or SSDConfig(), **overrides))
         in_channels = [64, 128, 128, 128, 128]
         self.blks = nn.ModuleList([get_blk(i) for i in range(5)])
-        self.cls_heads = nn.ModuleList([cls_predictor(c, cfg.num_anchors, cfg.num_classes)
-                                        for c in in_channels])
+        self.cls_heads = nn.ModuleList([cls_predictor(c, cfg.num_anchors, cfg.num_classes) for c in in_channels])
         self.bbox_heads = nn.ModuleList([bbox_predictor(c, cfg.num_anchors) for c in in_channels])
-        if cfg.class_names is not None and len(cfg.class_names) != cfg.num_classes:
-            raise ValueError(f"{len(cfg.class_names)} class_names for num_classes={cfg.num_classes}")
-        if (cfg.pixel_mean is None) != (cfg.pixel_std is None):
-            raise ValueError("give both pixel_mean and pixel_std, or neither")
         if cfg.pixel_mean is not None:  # buffers follow .to(device) but are not saved
             self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).reshape(1, 3, 1, 1), False)
             self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).reshape(1, 3, 1, 1), False)
@@ -680,15 +683,21 @@ MIN_VISIBLE = 0.4         # drop objects with less than 40% left visible
 MIN_SIDE = 6              # ... or with a visible box side below 6 px
 PNG_COMPRESSION = 1       # fastest zlib level; PNG bytes stay deterministic
 
-# Photos inside skimage/data (no network needed). Colour photos map to
-# None; grey ones map to the RGB tint they are coloured with.
+# Photos inside skimage/data (no network needed), split in two. The datasets
+# are drawn on BACKGROUND_FILES only; every test scene and "new photo" uses
+# HELD_OUT_FILES, which no model here has seen in training. Colour photos map
+# to None; grey ones map to the RGB tint they are coloured with.
 BACKGROUND_FILES = (
     ("astronaut.png", None), ("chelsea.png", None), ("coffee.png", None),
     ("motorcycle_left.png", None), ("rocket.jpg", None),
     ("brick.png", (1.0, 0.72, 0.58)), ("grass.png", (0.78, 0.95, 0.55)),
     ("gravel.png", (0.95, 0.88, 0.78)), ("camera.png", (1.0, 0.97, 0.92)),
 )
-TEST_SCENE_FILES = ("coffee.png", "chelsea.png", "astronaut.png", "motorcycle_left.png")
+HELD_OUT_FILES = (
+    ("ihc.png", None), ("hubble_deep_field.jpg", None), ("retina.jpg", None),
+    ("coins.png", (1.0, 0.9, 0.75)), ("moon.png", (0.85, 0.9, 1.0)),
+)
+TEST_SCENE_FILES = ("ihc.png", "hubble_deep_field.jpg", "retina.jpg")  # the held-out colour photos
 
 # sRGB colours (0..1) of a banana peel at increasing ripeness.
 RIPENESS_COLOURS = (
@@ -1149,6 +1158,7 @@ class TrainConfig:
     cls_loss: str = "ce"          # "ce" (cross-entropy) or "focal" (softmax focal loss, usually with neg_ratio=0
                                   # and a net started by init_background_prior); 10_improvements
     focal_gamma: float = 2.0      # focal loss exponent; 0 gives cross-entropy
+    focal_alpha: float = 0.25     # focal loss weight of object anchors (background: 1 - alpha), as RetinaNet
     hflip: bool = True            # flip a random half of each batch left-right
     augment: bool = False         # SSD's augmentation (ssd_augmentation, includes the flip); 10_improvements
     bf16: str = "auto"            # bf16 autocast: "auto" (CPUs with native bf16), "on", "off"
@@ -1216,16 +1226,17 @@ def hard_negative_mask(cls_loss, cls_labels, neg_ratio=3.0):
     return positive | (neg_loss >= hardest.gather(1, num_neg - 1))
 
 
-def focal_loss(logits, labels, gamma=2.0):
+def focal_loss(logits, labels, gamma=2.0, alpha=None):
     """Softmax focal loss per row: (N, C) logits, (N,) class ids -> (N,). Introduced in 10_improvements.
 
-    -(1 - p_t)^gamma * log(p_t), p_t = softmax probability of the true class
-    (Lin et al. 2017). gamma = 0 is cross-entropy; a larger gamma shrinks the
-    loss of anchors that are already right (p_t near 1), mostly easy background.
+    -alpha_t (1 - p_t)^gamma log(p_t), p_t = softmax probability of the true class (Lin et al. 2017). gamma = 0
+    is cross-entropy; a larger gamma shrinks the loss of anchors that are already right (p_t near 1), mostly easy
+    background. alpha_t = alpha for object rows (label > 0) and 1 - alpha for background; None: 1 for both.
     """
     log_pt = F.log_softmax(logits.float(), dim=-1).gather(-1, labels[:, None]).squeeze(-1)
     # clamp: for gamma < 1 the gradient of x^gamma is infinite at x = 0 (p_t rounded to 1)
-    return -(-torch.expm1(log_pt)).clamp(min=1e-12).pow(gamma) * log_pt
+    loss = -(-torch.expm1(log_pt)).clamp(min=1e-12).pow(gamma) * log_pt
+    return loss if alpha is None else loss * torch.where(labels > 0, alpha, 1 - alpha)
 
 
 @torch.no_grad()
@@ -1246,21 +1257,21 @@ def init_background_prior(net, prior=0.01):
 
 def calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks,
               neg_ratio=0.0, bbox_weight=1.0, loss_norm="anchors",
-              box_loss="l1", cls_loss="ce", focal_gamma=2.0):
+              box_loss="l1", cls_loss="ce", focal_gamma=2.0, focal_alpha=None):
     """Per-image SSD loss (B,): class loss plus masked box loss. Introduced in 07_training.
 
     cls_preds (B, A, C) logits; cls_labels (B, A); bbox_* (B, A * 4).
     The defaults are the book's loss: cross-entropy and L1, both means over all
     anchors. ``neg_ratio`` > 0 keeps only the hardest negatives; ``loss_norm=
     "positives"`` divides both sums by the number of positive anchors instead.
-    10_improvements adds ``box_loss="smooth_l1"`` and ``cls_loss="focal"``.
+    10_improvements adds ``box_loss="smooth_l1"`` and ``cls_loss="focal"`` (``focal_gamma``, ``focal_alpha``).
     """
     batch, num_anchors, num_classes = cls_preds.shape
     logits, targets = cls_preds.reshape(-1, num_classes).float(), cls_labels.reshape(-1)
     if cls_loss == "ce":
         cls = F.cross_entropy(logits, targets, reduction="none")
     elif cls_loss == "focal":
-        cls = focal_loss(logits, targets, focal_gamma)
+        cls = focal_loss(logits, targets, focal_gamma, focal_alpha)
     else:
         raise ValueError(f"cls_loss must be 'ce' or 'focal', got {cls_loss!r}")
     cls = cls.reshape(batch, num_anchors)
@@ -1363,6 +1374,20 @@ def save_checkpoint(path, net, **extra):
             os.remove(tmp)
 
 
+def _loss_options(config):
+    """The calc_loss keyword arguments a TrainConfig sets."""
+    return {key: getattr(config, key) for key in ("neg_ratio", "bbox_weight", "loss_norm", "box_loss", "cls_loss",
+                                                  "focal_gamma", "focal_alpha")}
+
+
+@torch.no_grad()
+def _undo_forward(net, optimizer, saved):
+    """Put back the buffers (batch-norm statistics) a forward pass moved and drop the gradients."""
+    for name, buffer in net.named_buffers():
+        buffer.copy_(saved[name])
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_step(net, optimizer, images, labels, config, device, use_bf16=False, use_cl=False, ids=None):
     """One SGD step on a batch: images (B, 3, H, W) uint8, labels (B, G, 5).
 
@@ -1383,9 +1408,7 @@ def train_step(net, optimizer, images, labels, config, device, use_bf16=False, u
         anchors, cls_preds, bbox_preds = net(X)
     with torch.no_grad():
         bbox_labels, bbox_masks, cls_labels = multibox_target(anchors.float(), labels.to(device))
-    losses = calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks,
-                       config.neg_ratio, config.bbox_weight, config.loss_norm,
-                       config.box_loss, config.cls_loss, config.focal_gamma)  # (B,)
+    losses = calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks, **_loss_options(config))  # (B,)
     problem = _non_finite_loss(losses, ids)
     optimizer.zero_grad(set_to_none=True)
     if problem is None:
@@ -1396,10 +1419,7 @@ def train_step(net, optimizer, images, labels, config, device, use_bf16=False, u
         else:
             problem = f"the gradient is {grad_norm.item()} although the loss is finite"
     if problem is not None:
-        with torch.no_grad():
-            for name, buffer in net.named_buffers():
-                buffer.copy_(saved[name])
-        optimizer.zero_grad(set_to_none=True)
+        _undo_forward(net, optimizer, saved)
         raise FloatingPointError(problem)
     return losses.mean().item(), batch_metrics(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks)
 
@@ -1426,6 +1446,15 @@ def per_epoch(history):
     return {key: value for key, value in history.items() if isinstance(value, list)}
 
 
+def _validation_ap(net, val_data, config):
+    """{"AP50": VOC AP@0.5, "AP": COCO AP@[.5:.95]} on val_data, both None without it."""
+    if val_data is None:
+        return {"AP50": None, "AP": None}
+    ap = evaluate_map(detect_images(net, val_data[0], bf16=config.bf16, channels_last=config.channels_last),
+                      val_data[1])
+    return {"AP50": ap["AP50_voc"], "AP": ap["AP"]}
+
+
 def train_ssd(net, train_data, config, device, val_data=None, checkpoint=None,
               on_epoch_end=None, progress=True):
     """Train a TinySSD; returns the history. Introduced in 07_training.
@@ -1448,9 +1477,9 @@ def train_ssd(net, train_data, config, device, val_data=None, checkpoint=None,
                                 weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     transform = ssd_augmentation(size=train_data[0].shape[-1]) if config.augment else None
-    history = {key: [] for key in ("loss", "cls_err", "fg_err", "bbox_mae", "lr", "time",
-                                   "examples_per_s", "AP50", "AP")}
-    history.update(bf16=precision[0], channels_last=precision[1], device=str(device))
+    history = {key: [] for key in ("loss", "cls_err", "fg_err", "bbox_mae", "lr", "time", "examples_per_s",
+                                   "AP50", "AP")} | {"bf16": precision[0], "channels_last": precision[1],
+                                                     "device": str(device)}
     total = math.ceil(len(train_data[0]) / config.batch_size) * config.epochs
     with tqdm.auto.tqdm(total=total, desc="training", disable=not progress) as bar:
         for epoch in range(config.epochs):
@@ -1458,13 +1487,11 @@ def train_ssd(net, train_data, config, device, val_data=None, checkpoint=None,
             sums, lr = _train_epoch(net, optimizer, train_data, config, device, epoch, generator, transform,
                                     precision, bar)
             row = _epoch_summary(sums, len(train_data[0]), time.perf_counter() - start, lr)
-            ap = {} if val_data is None else evaluate_map(
-                detect_images(net, val_data[0], bf16=config.bf16, channels_last=config.channels_last), val_data[1])
-            row.update(AP50=ap.get("AP50_voc"), AP=ap.get("AP"))
+            row.update(_validation_ap(net, val_data, config))
             for key in row:
                 history[key].append(row[key])
             bar.set_postfix(loss=f"{row['loss']:.3g}", ex_per_s=f"{row['examples_per_s']:.0f}",
-                            **({"AP50": f"{row['AP50']:.3f}"} if ap else {}))
+                            **({"AP50": f"{row['AP50']:.3f}"} if val_data is not None else {}))
             if on_epoch_end is not None:
                 on_epoch_end(epoch, history)
     if checkpoint is not None:
@@ -1762,11 +1789,7 @@ def show_detections(ax, image, detections, class_names=("banana",), colors=("w",
 # COCOeval exactly, so the numbers agree with it (tests/test_map.py).
 
 def _as_image_list(batch):
-    """Turn a batch into a list of per-image 2-D tensors.
-
-    batch: a 3-D tensor (batch, rows, cols) or a list/tuple of 2-D tensors
-    (rows, cols); rows may differ between images in the list form.
-    """
+    """A batch as a list of per-image 2-D tensors: a 3-D tensor (B, rows, cols), or a list of (rows, cols)."""
     if isinstance(batch, torch.Tensor):
         if batch.dim() != 3:
             raise ValueError("a batch tensor must be 3-D (batch, rows, cols)")
@@ -1775,38 +1798,26 @@ def _as_image_list(batch):
 
 
 def _drop_padding(rows):
-    """Keep only real rows: drop rows whose class_id (column 0) is -1.
-
-    rows: (n, cols) detections or ground truth.  Returns (n', cols).
-    """
+    """Only the real rows (n', cols) of (n, cols): padding rows have class id -1."""
     return rows[rows[:, 0] >= 0]
 
 
 def _rows_of_class(rows, class_id):
-    """Select the rows of one class.  rows: (n, cols) -> (n', cols)."""
+    """The rows (n', cols) of one class among (n, cols)."""
     return rows[rows[:, 0] == class_id]
 
 
 def match_detections(dets, gts, iou_threshold, max_detections=None):
-    """Decide which detections of ONE class in ONE image are true positives.
+    """Which detections of ONE class in ONE image are true positives. Introduced in 09_evaluation.
 
-    dets: (k, 6) rows (class_id, score, xmin, ymin, xmax, ymax), all of the
-          same class (the class column is not looked at).
-    gts:  (m, 5) rows (class_id, xmin, ymin, xmax, ymax) of that class.
-    iou_threshold: float in (0, 1]; a match needs IoU >= threshold.
-    max_detections: keep only this many highest-scoring detections
-        (None = keep all).
+    dets (k, 6) rows (class, score, xmin, ymin, xmax, ymax) of one class (column 0 is not read); gts (m, 5) rows
+    (class, xmin, ymin, xmax, ymax) of that class; a match needs IoU >= iou_threshold. max_detections: keep only
+    the best-scoring ones (None: all). Returns (is_tp bool (k',), scores (k',)) in descending score order.
 
-    Returns (is_tp, scores), both of length k' = min(k, max_detections) and
-    in descending score order: is_tp is a bool tensor, scores a float tensor.
-
-    The greedy COCO rule: visit detections from the highest score down (a
-    *stable* sort, so equal scores keep their input order).  Each detection
-    takes the still-unmatched ground truth with the highest IoU, if that IoU
-    is >= threshold; otherwise it is a false positive.  Two COCO details:
-    * among unmatched gts with the same best IoU, the *last* one is taken;
-    * the threshold is capped at 1 - 1e-10, so threshold 1.0 still lets a
-      (numerically) perfect box match.
+    The greedy COCO rule: visit detections from the highest score down (a stable sort: ties keep input order);
+    each takes the still-unmatched ground truth with the highest IoU if that IoU reaches the threshold, else it is a
+    false positive. As in pycocotools, among equally good ground truths the last is taken, and the threshold is
+    capped at 1 - 1e-10 so that 1.0 still lets a (numerically) perfect box match.
     """
     order = torch.sort(-dets[:, 1], stable=True).indices[:max_detections]
     dets = dets[order]
@@ -1814,10 +1825,8 @@ def match_detections(dets, gts, iou_threshold, max_detections=None):
     is_tp = torch.zeros(len(dets), dtype=torch.bool)
     if len(dets) == 0 or len(gts) == 0:
         return is_tp, scores
-    # IoU in float64 like pycocotools (float32 can flip a match when an IoU
-    # sits exactly on a threshold); degenerate boxes give 0/0 = nan -> 0
-    ious = torchvision.ops.box_iou(dets[:, 2:6].double(), gts[:, 1:5].double())  # (k, m)
-    ious = torch.nan_to_num(ious)
+    # float64 like pycocotools: in float32 an IoU exactly on a threshold can flip; 0/0 (empty boxes) -> 0
+    ious = torch.nan_to_num(torchvision.ops.box_iou(dets[:, 2:6].double(), gts[:, 1:5].double()))  # (k, m)
     threshold = min(iou_threshold, 1 - 1e-10)
     gt_taken = torch.zeros(len(gts), dtype=torch.bool)
     for i in range(len(dets)):
@@ -1825,116 +1834,80 @@ def match_detections(dets, gts, iou_threshold, max_detections=None):
         best_iou = candidate_ious.max()
         if best_iou < threshold:
             continue  # false positive
-        best_gt = torch.nonzero(candidate_ious == best_iou).max()  # last tie
+        best_gt = torch.nonzero(candidate_ious == best_iou).max()  # the last of equals
         gt_taken[best_gt] = True
         is_tp[i] = True
     return is_tp, scores
 
 
 def precision_recall(is_tp_per_image, scores_per_image, num_gts):
-    """Precision-recall curve of one class, pooled over all images.
+    """Precision-recall curve of one class, pooled over all images. Introduced in 09_evaluation.
 
-    is_tp_per_image:  list of bool tensors (k_i,), one per image.
-    scores_per_image: list of float tensors (k_i,), matching scores.
-    num_gts: number of ground-truth boxes of this class in all images (> 0).
-
-    Returns (recall, precision): float64 tensors (n,), n = sum of k_i, where
-    entry j describes the ranking cut after the j+1 best detections:
-        recall[j]    = TP_j / num_gts
-        precision[j] = TP_j / (TP_j + FP_j)
-    (pycocotools adds 2.2e-16 to the denominator; it is >= 1 here anyway.)
-    Ranking, as in pycocotools: concatenate the images in order, then a
-    stable sort on -score (equal scores keep image order, then row order).
+    is_tp_per_image, scores_per_image: lists of (k_i,) tensors from match_detections; num_gts (> 0): ground-truth
+    boxes of the class in all images. Returns (recall, precision), float64 (n,) with n = sum of k_i: entry j is the
+    cut after the j+1 best detections, recall = TP / num_gts and precision = TP / (TP + FP). Ranking as in
+    pycocotools: images concatenated in order, then a stable sort on -score.
     """
     if num_gts <= 0:
         raise ValueError("precision/recall need at least one ground truth box")
     if len(is_tp_per_image) == 0:
         empty = torch.zeros(0, dtype=torch.float64)
         return empty, empty.clone()
-    is_tp = torch.cat(is_tp_per_image)
-    scores = torch.cat(scores_per_image)
+    is_tp, scores = torch.cat(is_tp_per_image), torch.cat(scores_per_image)
     is_tp = is_tp[torch.sort(-scores, stable=True).indices]
     tp = torch.cumsum(is_tp, dim=0).double()   # true positives so far
     fp = torch.cumsum(~is_tp, dim=0).double()  # false positives so far
-    recall = tp / num_gts
-    precision = tp / (tp + fp)
-    return recall, precision
+    return tp / num_gts, tp / (tp + fp)
 
 
 def precision_envelope(precision):
-    """Interpolated precision: p_interp[j] = max(precision[j:]).
-
-    precision: (n,) array-like.  Returns a float64 numpy array (n,) that is
-    non-increasing -- the "envelope" seen when looking from the right.
-    """
+    """Interpolated precision p_interp[j] = max(precision[j:]): float64 numpy (n,), non-increasing.
+    Introduced in 09_evaluation."""
     precision = np.asarray(precision, dtype=np.float64)
     return np.maximum.accumulate(precision[::-1])[::-1]
 
 
 def average_precision(recall, precision, method="coco"):
-    """Summarise one precision-recall curve by a single number in [0, 1].
+    """One precision-recall curve as one number in [0, 1]. Introduced in 09_evaluation.
 
-    recall, precision: (n,) tensors or arrays as returned by
-    ``precision_recall`` (recall non-decreasing).  n may be 0 (AP = 0).
+    recall, precision: (n,) from precision_recall (n may be 0: AP 0). Every method first replaces precision by its
+    envelope, the best precision at any recall >= r, which removes the zig-zags of the raw curve.
 
-    Both methods first replace precision by its envelope
-    p_interp(r) = max precision at any recall >= r, which removes the
-    zig-zags of the raw curve.
-
-    method="coco": 101-point interpolation, exactly as pycocotools.  At each
-        recall level r in np.linspace(0, 1, 101) take p_interp at the first
-        ranking cut whose recall is >= r (np.searchsorted, side='left');
-        recall levels the detector never reaches count as precision 0.
-        AP is the mean of these 101 values.
-    method="voc": all-point interpolation (PASCAL VOC 2010 and later): the
-        exact area under the envelope, a sum of rectangles
-        sum_j (recall[j] - recall[j-1]) * p_interp[j], with recall[-1] = 0.
-        Only true positives move recall, so only they add area.
-    method="voc07": 11-point interpolation (PASCAL VOC 2007, the metric of
-        the SSD paper's VOC tables): the mean of p_interp at recall 0, 0.1,
-        ..., 1.0, taking 0 where that recall is never reached.
+    - "coco": 101-point, exactly as pycocotools: at each recall level r in linspace(0, 1, 101), the envelope at
+      the first cut with recall >= r (searchsorted, side "left"); levels never reached count 0. AP is their mean.
+    - "voc": all-point (PASCAL VOC 2010 on), the exact area under the envelope, sum over j of
+      (recall[j] - recall[j-1]) * envelope[j]; only true positives move recall, so only they add area.
+    - "voc07": 11-point (VOC 2007, the SSD paper's tables, 10_improvements): the mean of the envelope at recall
+      0, 0.1, ..., 1.0, 0 where never reached.
     """
     recall = np.asarray(recall, dtype=np.float64)
     envelope = precision_envelope(precision)
     if method == "coco":
-        recall_levels = np.linspace(0.0, 1.0, 101)
-        cut = np.searchsorted(recall, recall_levels, side="left")
-        reached = cut < len(recall)
-        sampled = np.zeros(len(recall_levels))
-        sampled[reached] = envelope[cut[reached]]
-        return float(np.mean(sampled))
+        cut = np.searchsorted(recall, np.linspace(0.0, 1.0, 101), side="left")
+        return float(np.mean([envelope[c] if c < len(recall) else 0.0 for c in cut]))
     if method == "voc":
-        recall_steps = np.diff(recall, prepend=0.0)
-        return float(np.sum(recall_steps * envelope))
+        return float(np.sum(np.diff(recall, prepend=0.0) * envelope))
     if method == "voc07":
         cut = np.searchsorted(recall, np.arange(11) / 10, side="left")  # exact 0.3, 0.6, 0.7
         return float(np.mean([envelope[c] if c < len(recall) else 0.0 for c in cut]))
     raise ValueError(f"unknown method {method!r}; use 'coco', 'voc' or 'voc07'")
 
 
-def class_precision_recall(detections, ground_truths, class_id, iou_threshold,
-                           max_detections=100):
-    """Precision-recall curve of one class over a whole data set.
+def class_precision_recall(detections, ground_truths, class_id, iou_threshold, max_detections=100):
+    """Precision-recall curve of one class over a whole data set. Introduced in 09_evaluation.
 
-    detections: batch of (k, 6) detections (3-D tensor or list of tensors).
-    ground_truths: batch of (m, 5) ground truth (3-D tensor or list).
-    class_id: int; iou_threshold: float.
-    max_detections: at most this many detections per image *of this class*
-        are kept (the highest scoring), like pycocotools' maxDets=100.
-
-    Returns (recall, precision) float64 tensors (n,), or None when the class
-    has no ground truth at all (its AP is undefined and left out of the mean).
+    detections: a batch of (k, 6) rows; ground_truths: a batch of (m, 5) rows (a 3-D tensor or a list of
+    tensors). max_detections: per image, of this class, like pycocotools' maxDets. Returns (recall, precision)
+    float64 (n,), or None when the class has no ground truth (its AP is undefined and left out of the mean).
     """
-    dets = _as_image_list(detections)
-    gts = _as_image_list(ground_truths)
+    dets, gts = _as_image_list(detections), _as_image_list(ground_truths)
     if len(dets) != len(gts):
         raise ValueError("detections and ground truths differ in batch size")
     is_tp_per_image, scores_per_image, num_gts = [], [], 0
     for image_dets, image_gts in zip(dets, gts):
         class_dets = _rows_of_class(_drop_padding(image_dets), class_id)
         class_gts = _rows_of_class(_drop_padding(image_gts), class_id)
-        is_tp, scores = match_detections(class_dets, class_gts,
-                                         iou_threshold, max_detections)
+        is_tp, scores = match_detections(class_dets, class_gts, iou_threshold, max_detections)
         is_tp_per_image.append(is_tp)
         scores_per_image.append(scores)
         num_gts += len(class_gts)
@@ -1944,99 +1917,73 @@ def class_precision_recall(detections, ground_truths, class_id, iou_threshold,
 
 
 def _infer_num_classes(dets, gts):
-    """1 + the largest class id among real rows of two lists of tensors."""
+    """1 + the largest class id among the real rows of two lists of tensors."""
     class_ids = [_drop_padding(rows)[:, 0] for rows in dets + gts]
     class_ids = torch.cat(class_ids) if class_ids else torch.zeros(0)
     return int(class_ids.max().item()) + 1 if len(class_ids) else 0
 
 
-def mean_average_precision(detections, ground_truths, iou_thresholds=(0.5,),
-                           num_classes=None, method="coco",
+def _ap_table(dets, gts, thresholds, num_classes, method, max_detections):
+    """AP per (IoU threshold, class): float64 (T, C), nan for a class without ground truth."""
+    ap = torch.full((len(thresholds), num_classes), float("nan"), dtype=torch.float64)
+    for t, threshold in enumerate(thresholds):
+        for c in range(num_classes):
+            curve = class_precision_recall(dets, gts, c, threshold, max_detections)
+            if curve is not None:
+                ap[t, c] = average_precision(*curve, method=method)
+    return ap
+
+
+def mean_average_precision(detections, ground_truths, iou_thresholds=(0.5,), num_classes=None, method="coco",
                            max_detections=100):
-    """AP of every (IoU threshold, class) pair and their means.
+    """AP of every (IoU threshold, class) pair, and their means. Introduced in 09_evaluation.
 
-    detections: batch of (k, 6) rows (class_id, score, xmin, ymin, xmax, ymax).
-    ground_truths: batch of (m, 5) rows (class_id, xmin, ymin, xmax, ymax).
-        Either a 3-D tensor or a list of per-image tensors; class -1 rows
-        are ignored.
-    iou_thresholds: float or sequence of floats, e.g. np.linspace(.5, .95, 10).
-    num_classes: classes 0 .. num_classes-1 are evaluated (default: inferred
-        from the largest class id present).
-    method: "coco" (101-point), "voc" (all-point) or "voc07" (11-point), see average_precision.
-    max_detections: per image and per class, as pycocotools' maxDets.
-    Every box counts whatever its size (pycocotools' area range 'all').
+    detections: a batch of (k, 6) rows (class, score, xmin, ymin, xmax, ymax); ground_truths: a batch of (m, 5)
+    rows (class, xmin, ymin, xmax, ymax); a 3-D tensor or a list of tensors, class -1 rows ignored.
+    iou_thresholds: a float or a sequence, e.g. np.linspace(.5, .95, 10). num_classes: classes 0..num_classes-1
+    (default: from the largest class id present). method: "coco", "voc" or "voc07" (average_precision).
+    max_detections: per image and class, as pycocotools' maxDets. Every box counts, whatever its size.
 
-    Returns a dict:
-      "map":           float, mean over thresholds and classes (nan if no
-                       class has ground truth),
-      "per_class":     {class_id: AP averaged over the thresholds},
-      "per_threshold": {threshold rounded to 4 digits: mAP over classes},
-      "ap":            float64 tensor (T, C), nan where a class has no
-                       ground truth (such classes are left out of all means,
-                       like pycocotools' -1 entries).
+    Returns {"map": the mean over thresholds and classes (nan if no class has ground truth), "per_class":
+    {class: AP averaged over the thresholds}, "per_threshold": {threshold rounded to 4 digits: mAP over classes},
+    "ap": float64 (T, C), nan where a class has no ground truth; such classes are left out of every mean, like
+    pycocotools' -1 entries}.
     """
     dets = [_drop_padding(d) for d in _as_image_list(detections)]
     gts = [_drop_padding(g) for g in _as_image_list(ground_truths)]
     thresholds = [float(t) for t in np.atleast_1d(iou_thresholds)]
-    if num_classes is None:
-        num_classes = _infer_num_classes(dets, gts)
-    ap = torch.full((len(thresholds), num_classes), float("nan"),
-                    dtype=torch.float64)
-    for t, threshold in enumerate(thresholds):
-        for c in range(num_classes):
-            curve = class_precision_recall(dets, gts, c, threshold,
-                                           max_detections)
-            if curve is not None:
-                ap[t, c] = average_precision(*curve, method=method)
-    has_gt = ~torch.isnan(ap).all(dim=0)  # (C,) classes that have ground truth
-    valid = ap[:, has_gt]                  # (T, number of such classes)
-    # an empty mean is nan, which is what we want when no class has gt
-    return {
-        "map": valid.mean().item(),
-        "per_class": {c: ap[:, c].mean().item()
-                      for c in range(num_classes) if has_gt[c]},
-        "per_threshold": {round(th, 4): valid[t].mean().item()
-                          for t, th in enumerate(thresholds)},
-        "ap": ap,
-    }
+    num_classes = _infer_num_classes(dets, gts) if num_classes is None else num_classes
+    ap = _ap_table(dets, gts, thresholds, num_classes, method, max_detections)
+    has_gt = ~torch.isnan(ap).all(dim=0)  # (C,) classes with ground truth
+    valid = ap[:, has_gt]                  # (T, number of such classes); an empty mean is nan
+    return {"map": valid.mean().item(),
+            "per_class": {c: ap[:, c].mean().item() for c in range(num_classes) if has_gt[c]},
+            "per_threshold": {round(th, 4): valid[t].mean().item() for t, th in enumerate(thresholds)},
+            "ap": ap}
 
 
-def evaluate_map(detections, ground_truths, num_classes=None,
-                 max_detections=100):
-    """The usual summary numbers, in [0, 1].
+def evaluate_map(detections, ground_truths, num_classes=None, max_detections=100):
+    """The usual summary numbers, in [0, 1]. Introduced in 09_evaluation (used from 07_training on).
 
-    detections / ground_truths: batches as in mean_average_precision.
-    Returns {"AP50": COCO-style AP at IoU 0.5,
-             "AP": COCO AP@[.5:.95] (mean over IoU 0.50, 0.55, ..., 0.95),
-             "AP50_voc": VOC all-point AP at IoU 0.5}.
+    detections, ground_truths: batches as in mean_average_precision. Returns {"AP50": COCO-style AP at IoU 0.5,
+    "AP": COCO AP@[.5:.95] (the mean over IoU 0.50, 0.55, ..., 0.95), "AP50_voc": VOC all-point AP at IoU 0.5}.
     """
-    coco = mean_average_precision(detections, ground_truths,
-                                  np.linspace(0.5, 0.95, 10), num_classes,
-                                  "coco", max_detections)
-    voc = mean_average_precision(detections, ground_truths, 0.5, num_classes,
-                                 "voc", max_detections)
-    return {"AP50": coco["per_threshold"][0.5], "AP": coco["map"],
-            "AP50_voc": voc["map"]}
+    coco = mean_average_precision(detections, ground_truths, np.linspace(0.5, 0.95, 10), num_classes, "coco",
+                                  max_detections)
+    voc = mean_average_precision(detections, ground_truths, 0.5, num_classes, "voc", max_detections)
+    return {"AP50": coco["per_threshold"][0.5], "AP": coco["map"], "AP50_voc": voc["map"]}
 
 
 def plot_pr_curve(recall, precision, ax=None, label=None):
-    """Draw a precision-recall curve and its interpolated envelope.
-
-    recall, precision: (n,) tensors or arrays from precision_recall.
-    ax: matplotlib axes to draw into (a new figure if None).
-    label: legend text for the curve.  Returns the axes.
-    """
+    """Draw a precision-recall curve (n,) and its envelope into ax (default: a new figure); returns the axes.
+    Introduced in 09_evaluation."""
     if ax is None:
         _, ax = plt.subplots(figsize=(4.5, 4))
-    recall = np.asarray(recall, dtype=np.float64)
-    precision = np.asarray(precision, dtype=np.float64)
-    line, = ax.plot(recall, precision, marker=".", alpha=0.5,
-                    label=f"{label} (raw)" if label else "raw")
+    recall, precision = np.asarray(recall, dtype=np.float64), np.asarray(precision, dtype=np.float64)
+    line, = ax.plot(recall, precision, marker=".", alpha=0.5, label=f"{label} (raw)" if label else "raw")
     if len(recall):
-        # the envelope is a staircase: on (recall[j-1], recall[j]] its value
-        # is p_interp[j]; draw it from recall 0
-        ax.step(np.concatenate([[0.0], recall]),
-                precision_envelope(np.concatenate([precision[:1], precision])),
+        # the envelope is a staircase: on (recall[j-1], recall[j]] its value is envelope[j]; drawn from recall 0
+        ax.step(np.concatenate([[0.0], recall]), precision_envelope(np.concatenate([precision[:1], precision])),
                 where="pre", color=line.get_color(), linestyle="--",
                 label=f"{label} (interpolated)" if label else "interpolated")
     ax.set_xlabel("recall")
@@ -2139,21 +2086,18 @@ def augment_sample(transform, image, label, masks=None):
 
 
 @contextlib.contextmanager
-def _one_thread():
-    """Run torch ops on one thread inside the block, then restore the count.
-
-    Per-image augmentation is many tiny ops: extra threads barely help, and on
-    a busy CPU they stall each other (measured: 0.2 s -> 10 s per batch of 32).
-    """
+def _threads(num_threads):
+    """Run torch ops on ``num_threads`` threads inside the block (None: leave the count), then restore it."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
 
 
-def augment_batch(transform, images, labels, generator=None):
+def augment_batch(transform, images, labels, generator=None, num_threads=1):
     """Augment each image of a batch: (B, 3, H, W) uint8, (B, G, 5) -> new tensors.
 
     Labels come back (B, G, 5), padded with -1 rows: the transforms only move,
@@ -2169,12 +2113,16 @@ def augment_batch(transform, images, labels, generator=None):
     each image. Same generator state -> same batch; given its seed, an image's
     augmentation does not depend on how many numbers the others drew; the
     global RNG is left as it was (generator given) or advanced by just the seed
-    draw (generator None). Runs single-threaded (see ``_one_thread``).
+    draw (generator None).
+
+    num_threads: torch's thread count while the transforms run, restored after (None: leave it). Per-image
+    augmentation is many tiny ops: extra threads barely help, and on a busy CPU they stall each other (measured:
+    0.2 s -> 10 s per batch of 32), so the default is 1.
     """
     seeds = torch.randint(0, 2**62, (len(images),), generator=generator).tolist()
     out_images = []
     out_labels = torch.full_like(labels, -1.0, dtype=torch.float32)
-    with torch.random.fork_rng(devices=[]), _one_thread():
+    with torch.random.fork_rng(devices=[]), _threads(num_threads):
         for i, seed in enumerate(seeds):
             torch.manual_seed(seed)
             image, rows = augment_sample(transform, images[i], labels[i])
@@ -3213,15 +3161,16 @@ def orange_sprite(rng, size=48, angle=None, light=None):
 def load_backgrounds(names=None):
     """Load the background photos bundled with scikit-image (no download).
 
-    names: file names to load (default: all of BACKGROUND_FILES).
+    names: file names to load, from BACKGROUND_FILES or HELD_OUT_FILES
+    (default: all of BACKGROUND_FILES, the photos the datasets are drawn on).
     Returns a list of (PIL.Image, tint) pairs: colour photos are RGB
     images with tint None; grey photos are mode "L" images with an RGB
     tint (3 floats) used to colour them.
     """
     folder = pathlib.Path(skimage.data.__file__).parent
-    tints = dict(BACKGROUND_FILES)
+    tints = dict(BACKGROUND_FILES + HELD_OUT_FILES)
     photos = []
-    for name in names or tints:
+    for name in names or dict(BACKGROUND_FILES):
         tint = tints[name]
         with Image.open(folder / name) as image:
             photos.append((image.convert("L" if tint else "RGB"), tint))
@@ -3691,7 +3640,7 @@ def make_test_scene(path_jpg="img/banana.jpg", path_csv="img/banana.csv", seed=0
     """Write a 256x256 JPEG (quality 95) with 3-4 separate bananas + labels.
 
     Banana box sides are spread over ~30..80 px, at random angles, on a
-    bright colour photo; scenes are re-drawn until no two boxes overlap
+    held-out colour photo (TEST_SCENE_FILES, never in a training set); scenes are re-drawn until no two boxes overlap
     and all bananas lie fully inside the frame.
     path_csv gets the usual header and one row per banana, img_name being
     the JPEG's file name. Deterministic in seed. Returns boxes int64 (n, 5).
