@@ -46,6 +46,7 @@ import tempfile
 import time
 from xml.etree import ElementTree
 
+import matplotlib.patches
 import matplotlib.pyplot as plt
 import numpy as np
 import skimage.data
@@ -92,7 +93,7 @@ __all__ = [
     "class_precision_recall", "mean_average_precision", "evaluate_map", "plot_pr_curve",
     # 10. Improvements
     "ssd_augmentation", "augment_sample", "augment_batch", "show_augmented",
-    "evaluate_splits", "train_variant",
+    "evaluate_splits", "train_variant", "for_bigger_input",
     # 11. Your own data
     "DetectionData", "read_dataset", "DatasetReport", "validate_dataset", "export_dataset",
     "draw_detections", "detect_folder", "main",
@@ -133,7 +134,7 @@ class SSDConfig:
 
 
 def fast_mode():
-    """True when the test suite asks for short runs (env ``TINYSSD_FAST=1``).
+    """True when the test suite asks for short runs (env ``TINYSSD_FAST=1``). Introduced in 07_training.
 
     This is the one switch every long notebook consults; ``make test`` sets it.
     """
@@ -141,7 +142,7 @@ def fast_mode():
 
 
 def pick_device(name=None):
-    """Return a ``torch.device``: ``name`` if given, else CUDA, then MPS, then CPU."""
+    """Return a ``torch.device``: ``name`` if given, else CUDA, then MPS, then CPU. Introduced in 07_training."""
     if name is not None:
         return torch.device(name)
     if torch.cuda.is_available():
@@ -152,7 +153,7 @@ def pick_device(name=None):
 
 
 def set_seed(seed=0):
-    """Seed Python, NumPy and PyTorch so that a run can be repeated."""
+    """Seed Python, NumPy and PyTorch so that a run can be repeated. Introduced in 01_predictors."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -712,7 +713,7 @@ RIPENESS_COLOURS = (
 
 def generate_banana_detection(root=None, seed=0,
                               num_train=1000, num_val=100, progress=None):
-    """Write a d2l-style banana-detection dataset; returns root (Path).
+    """Write a d2l-style banana-detection dataset; returns root (Path). Introduced in 06_data.
 
     Layout: root/bananas_train/images/{0..num_train-1}.png, root/
     bananas_train/label.csv and the same for bananas_val. Images are RGB
@@ -730,8 +731,8 @@ def generate_banana_detection(root=None, seed=0,
 
 def generate_small_bananas(root=None, seed=0,
                            num_train=1000, num_val=100, progress=None):
-    """Like generate_banana_detection but the banana boxes are only 15..30
-    px per side (a harder split); same layout, folder names and CSV."""
+    """Like generate_banana_detection, but the banana boxes are only 15..30 px per side (a harder split); same
+    layout, folder names and CSV. Introduced in 06_data."""
     def scene(rng, photos):
         return _banana_scene(rng, photos, SMALL_BANANA_BOX)
     root = DATA_DIR / "banana-detection-small" if root is None else root
@@ -741,7 +742,7 @@ def generate_small_bananas(root=None, seed=0,
 
 def generate_fruit_detection(root=None, seed=0,
                              num_train=1000, num_val=100, progress=None):
-    """Write a multi-object dataset (bananas = class 0, oranges = class 1).
+    """Write a multi-object dataset (bananas = class 0, oranges = class 1). Introduced in 06_data.
 
     Layout: root/fruit_train/images/N.png + root/fruit_train/label.csv,
     same for fruit_val. Each image holds 0..6 objects, which may occlude
@@ -1174,7 +1175,7 @@ class TrainConfig:
 
 
 def default_config(num_classes=1, class_names=None):
-    """The SSDConfig we train by default: the book's anchors, ImageNet pixel statistics.
+    """The SSDConfig we train by default: the book's anchors, ImageNet pixel statistics. Introduced in 07_training.
 
     class_names (11_your_own_data): saved with the model; sets num_classes.
     """
@@ -1185,12 +1186,13 @@ def default_config(num_classes=1, class_names=None):
 
 
 def default_checkpoint(fast=False):
-    """Where notebook 07 saves the default model; ``fast=True`` (pass fast_mode()): the short run's own file."""
+    """Where notebook 07 saves the default model; ``fast=True`` (pass fast_mode()): the short run's own file.
+    Introduced in 07_training."""
     return DATA_DIR / ("tinyssd_bananas_fast.pt" if fast else "tinyssd_bananas.pt")
 
 
 def batches(images, labels, batch_size, generator=None, shuffle=True):
-    """Yield (idx (b,), images (b, 3, H, W), labels (b, G, 5)) from in-memory tensors.
+    """Yield (idx (b,), images (b, 3, H, W), labels (b, G, 5)) from in-memory tensors. Used by train_ssd (07_training).
 
     idx holds the batch's indices into ``images``, so a message can name an image.
     """
@@ -1201,7 +1203,8 @@ def batches(images, labels, batch_size, generator=None, shuffle=True):
 
 
 def hflip_batch(images, labels, generator=None):
-    """Flip a random half of a batch left-right: (B, 3, H, W), (B, G, 5) -> new tensors."""
+    """Flip a random half of a batch left-right: (B, 3, H, W), (B, G, 5) -> new tensors.
+    Used by train_ssd (07_training)."""
     flip = torch.rand(len(images), generator=generator) < 0.5
     images, labels = images.clone(), labels.clone()
     images[flip] = images[flip].flip(-1)
@@ -1213,7 +1216,7 @@ def hflip_batch(images, labels, generator=None):
 
 
 def hard_negative_mask(cls_loss, cls_labels, neg_ratio=3.0):
-    """(B, A) bool: all positives plus the ``neg_ratio`` x #positives hardest negatives.
+    """(B, A) bool: all positives plus the ``neg_ratio`` x #positives hardest negatives. Introduced in 07_training.
 
     cls_loss: (B, A) per-anchor cross-entropy; cls_labels: (B, A), 0 = background.
     An image without positives keeps ``neg_ratio`` negatives.
@@ -1306,7 +1309,8 @@ def batch_metrics(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks):
 
 
 def cpu_has_native_bf16():
-    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX) through oneDNN."""
+    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX) through oneDNN.
+    Used by pick_precision (07_training)."""
     cpu = getattr(torch, "cpu", None)
     native = any(getattr(cpu, name, lambda: False)()
                  for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
@@ -1317,7 +1321,7 @@ def cpu_has_native_bf16():
 
 
 def pick_precision(device, bf16="auto", channels_last="auto"):
-    """(use_bf16, use_channels_last) for ``device``, from "auto" / "on" / "off".
+    """(use_bf16, use_channels_last) for ``device``, from "auto" / "on" / "off". Introduced in 07_training.
 
     channels_last speeds up convolutions on CPUs in fp32 too, and bf16 needs it.
     """
@@ -1327,7 +1331,8 @@ def pick_precision(device, bf16="auto", channels_last="auto"):
 
 
 def lr_at(step, total_steps, steps_per_epoch, config):
-    """Learning rate at optimiser step ``step``: linear warm-up, then constant or cosine."""
+    """Learning rate at optimiser step ``step``: linear warm-up, then constant or cosine.
+    Used by train_ssd (07_training)."""
     warmup = config.warmup_epochs * steps_per_epoch
     if step < warmup:
         return config.lr * (step + 1) / warmup
@@ -1339,7 +1344,8 @@ def lr_at(step, total_steps, steps_per_epoch, config):
 
 
 def non_finite_tensors(state_dict):
-    """Names of the tensors of a state dict that hold NaN or inf (saving, loading and training refuse them)."""
+    """Names of the tensors of a state dict that hold NaN or inf (saving, loading and training refuse them).
+    Used by train_step and the checkpoint checks (07_training)."""
     return [name for name, value in state_dict.items() if value.is_floating_point() and not torch.isfinite(value).all()]
 
 
@@ -1389,7 +1395,7 @@ def _undo_forward(net, optimizer, saved):
 
 
 def train_step(net, optimizer, images, labels, config, device, use_bf16=False, use_cl=False, ids=None):
-    """One SGD step on a batch: images (B, 3, H, W) uint8, labels (B, G, 5).
+    """One SGD step on a batch: images (B, 3, H, W) uint8, labels (B, G, 5). Used by train_ssd (07_training).
 
     Returns (loss as a float, batch_metrics). The forward pass runs under bf16
     autocast when asked; targets and loss are float32. The batch is checked
@@ -1442,8 +1448,11 @@ def _epoch_summary(sums, num_examples, elapsed, lr):
 
 
 def per_epoch(history):
-    """The per-epoch lists of a ``train_ssd`` history (what a checkpoint keeps)."""
+    """The per-epoch lists of a ``train_ssd`` history (what a checkpoint keeps). Used by train_ssd (07_training)."""
     return {key: value for key, value in history.items() if isinstance(value, list)}
+
+
+HISTORY_KEYS = ("loss", "cls_err", "fg_err", "bbox_mae", "lr", "time", "examples_per_s", "AP50", "AP")  # per epoch
 
 
 def _validation_ap(net, val_data, config):
@@ -1477,9 +1486,8 @@ def train_ssd(net, train_data, config, device, val_data=None, checkpoint=None,
                                 weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     transform = ssd_augmentation(size=train_data[0].shape[-1]) if config.augment else None
-    history = {key: [] for key in ("loss", "cls_err", "fg_err", "bbox_mae", "lr", "time", "examples_per_s",
-                                   "AP50", "AP")} | {"bf16": precision[0], "channels_last": precision[1],
-                                                     "device": str(device)}
+    history = {key: [] for key in HISTORY_KEYS} | {"bf16": precision[0], "channels_last": precision[1],
+                                                  "device": str(device)}
     total = math.ceil(len(train_data[0]) / config.batch_size) * config.epochs
     with tqdm.auto.tqdm(total=total, desc="training", disable=not progress) as bar:
         for epoch in range(config.epochs):
@@ -1590,7 +1598,7 @@ def plot_history(history, axes=None):
 
 
 def live_plot():
-    """An ``on_epoch_end`` for notebooks: redraws ``plot_history`` after every epoch."""
+    """An ``on_epoch_end`` for notebooks: redraws ``plot_history`` after every epoch. Introduced in 07_training."""
     from IPython.display import display
     handle = None
 
@@ -2026,7 +2034,7 @@ class _PhotometricDistort(v2.RandomPhotometricDistort):
 
 def ssd_augmentation(size=256, max_zoom=2.5, p_zoom=0.5, min_scale=0.3,
                      iou_options=(0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0), channel_swap=False):
-    """SSD's training augmentation as a ``v2.Compose``.
+    """SSD's training augmentation as a ``v2.Compose``. Introduced in 10_improvements.
 
     Photometric distortion -> zoom-out (pad to up to ``max_zoom`` x the side with
     the ImageNet mean colour, with probability ``p_zoom``) -> SSD's IoU crop ->
@@ -2057,7 +2065,7 @@ def ssd_augmentation(size=256, max_zoom=2.5, p_zoom=0.5, min_scale=0.3,
 
 
 def augment_sample(transform, image, label, masks=None):
-    """Augment one image and its label rows.
+    """Augment one image and its label rows. Used by augment_batch (10_improvements).
 
     image: uint8 (3, H, W); label: (G, 5) normalised rows, -1 padding allowed.
     Returns (image uint8 (3, h, w), label float32 (n, 5) normalised, real rows
@@ -2098,7 +2106,7 @@ def _threads(num_threads):
 
 
 def augment_batch(transform, images, labels, generator=None, num_threads=1):
-    """Augment each image of a batch: (B, 3, H, W) uint8, (B, G, 5) -> new tensors.
+    """Augment each image of a batch: (B, 3, H, W) uint8, (B, G, 5) -> new tensors. Introduced in 10_improvements.
 
     Labels come back (B, G, 5), padded with -1 rows: the transforms only move,
     clip or drop boxes, never add any, so G rows always suffice. An image that
@@ -2134,27 +2142,33 @@ def augment_batch(transform, images, labels, generator=None, num_threads=1):
 
 def show_augmented(transform, images, labels, num=6, generator=None, class_names=None,
                    colors=("w", "c", "y", "m"), scale=2.0):
-    """Plot ``num`` images (top row) over an augmented copy (bottom row) with boxes.
+    """Plot ``num`` images (top row) over an augmented copy (bottom row) with boxes. Introduced in 10_improvements.
 
+    The box colour tells the class, in a key under the figure: text labels would hide small objects.
     Returns the matplotlib figure.
     """
     images, labels = images[:num], labels[:num]
     augmented = augment_batch(transform, images, labels, generator)
-    fig, axes = plt.subplots(2, len(images), figsize=(scale * len(images), scale * 2.1),
-                             squeeze=False)
+    fig, axes = plt.subplots(2, len(images), figsize=(scale * len(images), scale * 2.2), squeeze=False)
     for row, (imgs, labs) in enumerate([(images, labels), augmented]):
         for ax, image, label in zip(axes[row], imgs, labs):
             real = label[label[:, 0] >= 0]
             height, width = image.shape[-2:]
             ax.imshow(image.permute(1, 2, 0).numpy())
             classes = [int(c) for c in real[:, 0]]
-            names = [class_names[c] if class_names else str(c) for c in classes]
             show_bboxes(ax, real[:, 1:] * torch.tensor([width, height, width, height]),
-                        labels=names, colors=[colors[c % len(colors)] for c in classes] or None)
+                        colors=[colors[c % len(colors)] for c in classes] or None)
             ax.set_xticks([])
             ax.set_yticks([])
         axes[row, 0].set_ylabel(("original", "augmented")[row])
-    fig.tight_layout()
+    names = class_names or [str(c) for c in range(int(labels[..., 0].max()) + 1)]
+    colour_names = {"w": "white", "c": "cyan", "y": "yellow", "m": "magenta"}
+    key = [matplotlib.patches.Patch(facecolor="0.3", edgecolor=colors[c % len(colors)], lw=3,
+                                    label=f"{name} ({colour_names.get(colors[c % len(colors)], 'coloured')} box)")
+           for c, name in enumerate(names)]
+    fig.legend(handles=key, loc="lower center", ncol=len(key), frameon=False, handlelength=2.5, handleheight=1.5,
+)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     return fig
 
 
@@ -2167,6 +2181,20 @@ def evaluate_splits(net, splits):
     left out of that split's mean.
     """
     return {name: evaluate_map(detect_images(net, images), labels) for name, (images, labels) in splits.items()}
+
+
+def for_bigger_input(net, scale):
+    """A copy of a trained TinySSD for inputs ``scale`` times the training size. Introduced in 10_improvements.
+
+    Anchor sizes are fractions of the input, so on an input twice as large every anchor is twice as large in
+    pixels, while the convolutions still see an object at its size in pixels. The copy divides the anchor sizes
+    by ``scale``: its anchors keep their training size in pixels. Same weights, nothing retrained; in eval mode,
+    on net's device.
+    """
+    sizes = tuple(tuple(size / scale for size in scale_sizes) for scale_sizes in net.config.sizes)
+    bigger = TinySSD(dataclasses.replace(net.config, sizes=sizes))
+    bigger.load_state_dict(net.state_dict())
+    return bigger.to(next(net.parameters()).device).eval()
 
 
 def train_variant(config, train_data, splits, model_config, device, checkpoint=None):
@@ -2718,7 +2746,8 @@ def detect_folder(net, sources, out_dir, class_names=None, threshold=0.5, echo=N
 
 
 def main(argv=None):
-    """The shell commands: ``python -m ssd_helpers detect MODEL IMAGES... --out DIR`` and ``validate PATH``."""
+    """The shell commands: ``python -m ssd_helpers detect MODEL IMAGES... --out DIR`` and ``validate PATH``.
+    Introduced in 11_your_own_data."""
     import argparse
     import sys
     parser = argparse.ArgumentParser(prog="python -m ssd_helpers", description="TinySSD from the shell.")
@@ -3051,7 +3080,7 @@ def _draw_banana(shape, scale, angle, light):
 
 
 def banana_sprite(rng, size=64, angle=None, light=None):
-    """A random banana sprite whose box's longer side is about `size` px.
+    """A random banana sprite whose box's longer side is about `size` px. Shown in 06_data.
 
     rng: np.random.Generator; angle: radians (random if None); light: unit
     (x, y, z) (random if None). Returns float32 (h, w, 4) PREMULTIPLIED
@@ -3146,7 +3175,7 @@ def _draw_orange(shape, scale, angle, light):
 
 
 def orange_sprite(rng, size=48, angle=None, light=None):
-    """A random orange sprite whose box's longer side is about `size` px.
+    """A random orange sprite whose box's longer side is about `size` px. Shown in 06_data.
 
     Same conventions as banana_sprite: float32 (h, w, 4) PREMULTIPLIED
     RGBA in [0, 1] with a 2 px transparent margin.
@@ -3159,7 +3188,7 @@ def orange_sprite(rng, size=48, angle=None, light=None):
 
 # A4. Backgrounds: real photos bundled with scikit-image
 def load_backgrounds(names=None):
-    """Load the background photos bundled with scikit-image (no download).
+    """Load the background photos bundled with scikit-image (no download). Shown in 06_data.
 
     names: file names to load, from BACKGROUND_FILES or HELD_OUT_FILES
     (default: all of BACKGROUND_FILES, the photos the datasets are drawn on).
@@ -3197,7 +3226,7 @@ def _colour_jitter(rng, image):
 
 
 def random_background(rng, photos, size=IMAGE_SIZE):
-    """A random crop of a random photo: float32 (size, size, 3) in [0, 1].
+    """A random crop of a random photo: float32 (size, size, 3) in [0, 1]. Shown in 06_data.
 
     The square crop covers 30-100% of the photo's shorter side, is
     resized to `size`, maybe mirrored, tinted if grey and colour-jittered.
@@ -3369,7 +3398,7 @@ def _camera_finish(rng, image):
 
 
 def render_scene(rng, photos, objects, size=IMAGE_SIZE):
-    """Render one photo-like scene with fruit on a real photo background.
+    """Render one photo-like scene with fruit on a real photo background. Shown in 06_data.
 
     rng: np.random.Generator; photos: list from load_backgrounds();
     objects: list of (class_id, min_side, max_side), box sides in px, in
@@ -3637,7 +3666,7 @@ def _boxes_overlap(boxes):
 
 
 def make_test_scene(path_jpg="img/banana.jpg", path_csv="img/banana.csv", seed=0, overwrite=False):
-    """Write a 256x256 JPEG (quality 95) with 3-4 separate bananas + labels.
+    """Write a 256x256 JPEG (quality 95) with 3-4 separate bananas + labels. Named in 06_data; made img/banana.jpg.
 
     Banana box sides are spread over ~30..80 px, at random angles, on a
     held-out colour photo (TEST_SCENE_FILES, never in a training set); scenes are re-drawn until no two boxes overlap
@@ -3675,8 +3704,8 @@ def make_test_scene(path_jpg="img/banana.jpg", path_csv="img/banana.csv", seed=0
 
 
 def draw_boxes(image, boxes, colours=((255, 255, 255), (0, 190, 255))):
-    """Copy of a uint8 (H, W, 3) image with boxes (n, 5) drawn as 1-px
-    rectangles; box columns xmin..xmax-1 are covered (exclusive max)."""
+    """Copy of a uint8 (H, W, 3) image with boxes (n, 5) drawn as 1-px rectangles; box columns xmin..xmax-1 are
+    covered (exclusive max). Used by the dataset tests."""
     pil = Image.fromarray(image)
     draw = ImageDraw.Draw(pil)
     for class_id, x0, y0, x1, y1 in np.asarray(boxes).tolist():

@@ -18,7 +18,7 @@ ROWS = {  # name: (TrainConfig changes, anchor sizes or None for the default)
     "baseline": ({}, None),
     "best": ({"bbox_weight": 2.0}, SMALL_ANCHORS),
     "augmented": ({"bbox_weight": 2.0, "augment": True}, SMALL_ANCHORS),
-    "focal_lr0.1": ({"cls_loss": "focal", "neg_ratio": 0.0, "lr": 0.1}, None),
+    "focal": ({"cls_loss": "focal", "neg_ratio": 0.0}, None),  # RetinaNet's alpha 0.25, gamma 2 (TrainConfig)
 }
 
 
