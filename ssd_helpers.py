@@ -15,6 +15,7 @@ Read it as a book. The sections follow the notebooks:
     9. Evaluation: mean average precision          (09_evaluation)
     10. Improvements: box-aware augmentation       (10_improvements)
     11. Your own data: readers, validation, shell  (11_your_own_data)
+    12. Speed, ONNX export, torchvision's SSDlite  (12_speed_and_deployment)
     Appendix: how the synthetic images are drawn   (used by 06_data, not taught)
 
 Conventions used everywhere:
@@ -31,6 +32,8 @@ in explicitly.
 """
 
 import contextlib
+import copy
+import ctypes
 import csv
 import dataclasses
 import hashlib
@@ -44,6 +47,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from xml.etree import ElementTree
 
 import matplotlib.patches
@@ -83,7 +87,8 @@ __all__ = [
     # 7. Training
     "TrainConfig", "IMAGENET_MEAN", "IMAGENET_STD", "default_config", "default_checkpoint",
     "hflip_batch", "hard_negative_mask", "focal_loss", "init_background_prior", "calc_loss", "batch_metrics",
-    "cpu_has_native_bf16", "pick_precision", "CheckpointError", "save_checkpoint", "train_step", "train_ssd",
+    "cpu_has_native_bf16", "pick_precision", "keep_freed_memory", "CheckpointError", "save_checkpoint", "train_step",
+    "train_ssd",
     "detect_images",
     "plot_history", "live_plot", "train_default_model",
     # 8. Prediction
@@ -97,6 +102,9 @@ __all__ = [
     # 11. Your own data
     "DetectionData", "read_dataset", "DatasetReport", "validate_dataset", "export_dataset",
     "draw_detections", "detect_folder", "main",
+    # 12. Speed and deployment
+    "ExportableDetector", "export_onnx", "detect_onnx", "latency_ms", "ssdlite_targets", "train_for_seconds",
+    "detect_torchvision",
     # Appendix: how the synthetic images are drawn
     "banana_sprite", "orange_sprite", "load_backgrounds", "random_background", "render_scene",
     "make_test_scene", "draw_boxes",
@@ -334,10 +342,8 @@ def multibox_prior(data, sizes, ratios):
                    sizes[0] * torch.sqrt(ratio_tensor[1:])))
     h = torch.cat((size_tensor / torch.sqrt(ratio_tensor[0]),
                    sizes[0] / torch.sqrt(ratio_tensor[1:])))
-    if in_height <= in_width:
-        w = w * in_height / in_width
-    else:
-        h = h * in_width / in_height
+    short = torch.sym_min(in_height, in_width)  # min() without an if, so torch.export (12) keeps every shape
+    w, h = w * short / in_width, h * short / in_height  # on square and wide maps: d2l's w * h / w, and h
     half_sizes = torch.stack((-w, -h, w, h)).T.repeat(in_height * in_width, 1) / 2
     centers = torch.stack([shift_x, shift_y, shift_x, shift_y],
                           dim=1).repeat_interleave(boxes_per_pixel, dim=0)
@@ -1164,6 +1170,7 @@ class TrainConfig:
     augment: bool = False         # SSD's augmentation (ssd_augmentation, includes the flip); 10_improvements
     bf16: str = "auto"            # bf16 autocast: "auto" (CPUs with native bf16), "on", "off"
     channels_last: str = "auto"   # "auto" (on a CPU, and with bf16), "on", "off"
+    keep_freed_memory: bool = True  # glibc keeps freed memory (keep_freed_memory(); 12_speed_and_deployment)
     seed: int = 0
 
     @classmethod
@@ -1318,6 +1325,24 @@ def cpu_has_native_bf16():
         return bool(native and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def keep_freed_memory():
+    """Ask glibc to keep freed memory for reuse. Introduced in 12_speed_and_deployment.
+
+    A training step frees and allocates the same large tensors every time. By default glibc returns each large
+    block to the kernel when it is freed (munmap, heap trimming), and the next step faults it back in page by page,
+    zeroed: about 300,000 minor page faults per bf16 step of 32 images (12_speed_and_deployment measures it).
+    ``mallopt(M_MMAP_MAX, 0)`` and a high ``M_TRIM_THRESHOLD`` keep the memory in the process instead, as the
+    environment variables MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=... would. Process-wide and lasting;
+    train_ssd calls it when ``TrainConfig.keep_freed_memory`` is True. Returns True if applied (Linux with glibc).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: macOS, Windows, musl
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def pick_precision(device, bf16="auto", channels_last="auto"):
@@ -1480,6 +1505,8 @@ def train_ssd(net, train_data, config, device, val_data=None, checkpoint=None,
     before that batch.
     """
     _check_before_training(net, train_data, val_data)
+    if config.keep_freed_memory:
+        keep_freed_memory()
     precision = pick_precision(device, config.bf16, config.channels_last)  # (use_bf16, use_channels_last)
     net.to(device, memory_format=torch.channels_last if precision[1] else torch.contiguous_format)
     optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
@@ -1750,6 +1777,18 @@ def detect(net, image, threshold=0.5, size=256, nms_threshold=0.5, keep_aspect=T
     (k, 6) of rows (class_id, score, xmin, ymin, xmax, ymax) in the upright
     image's pixels, best first, score >= threshold.
     """
+    X, (height, width) = _model_input(image, size, keep_aspect, max_size)
+    net.eval()
+    with torch.no_grad():
+        anchors, cls_preds, bbox_preds = net(X.to(next(net.parameters()).device))
+        _check_predictions(cls_preds, bbox_preds)
+        cls_probs = torch.softmax(cls_preds.float(), dim=2).permute(0, 2, 1)
+        output = multibox_detection(cls_probs, bbox_preds.float(), anchors, nms_threshold)[0].cpu()
+    return _in_pixels(output[(output[:, 0] >= 0) & (output[:, 1] >= threshold)], height, width)
+
+
+def _model_input(image, size=256, keep_aspect=True, max_size=1024):
+    """(X (1, 3, h, w) float 0..255 scaled as detect describes, (height, width) of the upright image)."""
     pixels = to_image_tensor(image)  # (3, H, W) uint8
     height, width = pixels.shape[1:]
     if keep_aspect:  # at least 64 px on the short side: five blocks halve it down to one pixel
@@ -1759,16 +1798,15 @@ def detect(net, image, threshold=0.5, size=256, nms_threshold=0.5, keep_aspect=T
     else:
         new_size = (size, size)
     X = F.interpolate(pixels[None].float(), size=new_size, mode="bilinear", antialias=True, align_corners=False)
-    net.eval()
-    with torch.no_grad():
-        anchors, cls_preds, bbox_preds = net(X.to(next(net.parameters()).device))
-        _check_predictions(cls_preds, bbox_preds)
-        cls_probs = torch.softmax(cls_preds.float(), dim=2).permute(0, 2, 1)
-        output = multibox_detection(cls_probs, bbox_preds.float(), anchors, nms_threshold)[0].cpu()
-    output = output[(output[:, 0] >= 0) & (output[:, 1] >= threshold)]
-    scale = torch.tensor([width, height, width, height], dtype=output.dtype)  # normalised -> the image's pixels
-    output[:, 2:] = (output[:, 2:] * scale).clamp(min=torch.zeros(4), max=scale)
-    return output
+    return X, (height, width)
+
+
+def _in_pixels(rows, height, width):
+    """Detection rows (k, 6) with normalised boxes -> boxes in an image's pixels, clipped to it."""
+    rows = rows.clone()
+    scale = torch.tensor([width, height, width, height], dtype=rows.dtype)
+    rows[:, 2:] = (rows[:, 2:] * scale).clamp(min=torch.zeros(4), max=scale)
+    return rows
 
 
 def show_detections(ax, image, detections, class_names=("banana",), colors=("w", "c", "y", "m")):
@@ -2774,6 +2812,198 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+# ---------------------------------------------------------------------------
+# 12. Speed and deployment: the model and its decoding as one ONNX graph (12_speed_and_deployment)
+# ---------------------------------------------------------------------------
+#
+# A deployed detector should take an image and return detections, with nothing left for the caller to decode.
+# ExportableDetector is TinySSD plus multibox_detection's steps for one image, written so that torch.export can
+# trace them: no Python branch on a tensor's value, and NMS as one torchvision.ops.nms call, which the exporter
+# turns into ONNX's NonMaxSuppression.
+
+ONNX_MARKER = "tinyssd-onnx"  # metadata key: export_onnx replaces only files that carry it
+
+
+class ExportableDetector(nn.Module):
+    """TinySSD and its decoding in one module, for torch.onnx.export. Introduced in 12_speed_and_deployment.
+
+    Input (1, 3, H, W) float pixels 0..255, H and W at least 64. Output (k, 6) rows (class, score, xmin, ymin,
+    xmax, ymax), boxes normalised to 0..1, best first: what multibox_detection(..., pre_nms_top_k=top_k) gives for
+    the image (softmax, each anchor's best class, the top_k anchors, offset decoding, NMS per class), without its
+    class -1 rows.
+    """
+
+    def __init__(self, net, nms_threshold=0.5, pos_threshold=0.009999999, top_k=400):
+        super().__init__()
+        self.net, self.nms_threshold, self.pos_threshold, self.top_k = net, nms_threshold, pos_threshold, top_k
+
+    def forward(self, X):
+        anchors, cls_preds, bbox_preds = self.net(X)
+        probs = torch.softmax(cls_preds.float(), dim=2)[0]  # (A, C + 1)
+        scores, class_ids = probs[:, 1:].max(dim=1)  # (A,): each anchor's best object class
+        scores, top = scores.topk(min(self.top_k, scores.shape[0]))  # (k,), best first
+        class_ids = class_ids[top]
+        boxes = offset_inverse(anchors[0, top], bbox_preds.float().reshape(-1, 4)[top])  # (k, 4)
+        # NMS per class in one call: move each class's boxes so far apart that no two classes overlap
+        shifted = boxes + class_ids[:, None].to(boxes.dtype) * (boxes.max() - boxes.min() + 1)
+        kept = torchvision.ops.nms(shifted, scores, self.nms_threshold)  # (n,), best first
+        kept = kept[scores[kept] >= self.pos_threshold]
+        return torch.cat((class_ids[kept, None].to(boxes.dtype), scores[kept, None], boxes[kept]), dim=1)
+
+
+def export_onnx(net, path, nms_threshold=0.5, max_side=2048):
+    """Write ``net`` with its decoding (ExportableDetector) as one ONNX file. Introduced in 12_speed_and_deployment.
+
+    The graph takes ``image`` (1, 3, H, W) float 0..255 with 64 <= H, W <= max_side and returns ``detections``
+    (k, 6) as ExportableDetector. It is exported with torch.export (``dynamo=True``); the file is written
+    atomically and replaces only a file that export_onnx wrote. ``net`` itself is not moved or changed.
+    Returns the path.
+    """
+    import onnx  # noqa: PLC0415 (only this section needs it)
+
+    path = pathlib.Path(path)
+    if path.exists() and not _is_our_onnx(path):
+        raise FileExistsError(f"{path} exists and was not written by export_onnx; nothing was written. "
+                              "Choose another path, or move that file away first.")
+    detector = ExportableDetector(copy.deepcopy(net).cpu().float().eval(), nms_threshold)
+    side = {2: torch.export.Dim("height", min=64, max=max_side), 3: torch.export.Dim("width", min=64, max=max_side)}
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(detector, (torch.zeros(1, 3, 256, 256),), dynamo=True, input_names=["image"],
+                                    output_names=["detections"], dynamic_shapes={"X": side})
+    model = program.model_proto
+    onnx.helper.set_model_props(model, {ONNX_MARKER: json.dumps({"num_classes": net.config.num_classes,
+                                                                 "class_names": net.config.class_names})})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        tmp.write(model.SerializeToString())
+    os.replace(tmp.name, path)
+    return path
+
+
+def _is_our_onnx(path):
+    """True if ``path`` is an ONNX file whose metadata carries ONNX_MARKER."""
+    import onnx  # noqa: PLC0415
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 (not ONNX at all)
+        return False
+    return any(prop.key == ONNX_MARKER for prop in model.metadata_props)
+
+
+def detect_onnx(session, image, threshold=0.5, size=256, keep_aspect=True, max_size=1024):
+    """``detect`` with an onnxruntime session of export_onnx's file. Introduced in 12_speed_and_deployment.
+
+    session: onnxruntime.InferenceSession. The image is prepared exactly as detect prepares it; returns (k, 6)
+    rows (class, score, xmin, ymin, xmax, ymax) in the image's pixels, best first, score >= threshold.
+    """
+    X, (height, width) = _model_input(image, size, keep_aspect, max_size)
+    (rows,) = session.run(None, {"image": X.numpy()})
+    rows = torch.from_numpy(rows)
+    return _in_pixels(rows[rows[:, 1] >= threshold], height, width)
+
+
+def latency_ms(fn, runs=100, warmup=10):
+    """Call ``fn()`` warmup + runs times; returns {"p50": ..., "p90": ...} over the timed runs, in milliseconds.
+    Introduced in 12_speed_and_deployment."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return {"p50": float(np.percentile(times, 50)), "p90": float(np.percentile(times, 90))}
+
+
+# 12b. The same data through torchvision's SSDlite, trained from scratch for the same time
+#
+# torchvision's detection models take a list of float images in 0..1 and, for training, a list of targets with
+# boxes in pixels and labels counted from 1 (0 is their background). These three helpers translate our tensors,
+# train such a model for a fixed number of seconds and turn its detections back into our rows, so that the series'
+# own evaluate_map scores both models.
+
+def ssdlite_targets(labels, size):
+    """Our labels (B, G, 5), normalised, class -1 padding -> torchvision's targets. Introduced in 12_speed_and_deployment.
+
+    Returns a list of B dicts: "boxes" (g, 4) float in pixels of a ``size`` x ``size`` image, "labels" (g,) int64
+    counted from 1.
+    """
+    targets = []
+    for label in labels:
+        real = label[label[:, 0] >= 0]  # (g, 5) without padding
+        targets.append({"boxes": real[:, 1:] * size, "labels": real[:, 0].long() + 1})
+    return targets
+
+
+def train_for_seconds(model, train_data, seconds, device, lr=0.025, batch_size=32, seed=0, progress=True):
+    """Train a torchvision detection model for ``seconds`` of wall-clock time. Introduced in 12_speed_and_deployment.
+
+    train_data: (images (N, 3, S, S) uint8, labels (N, G, 5)). SGD with momentum 0.9 and weight decay 4e-5 (as
+    torchvision's SSDlite recipe, lr scaled to the batch); the learning rate warms up over the first 5% of the
+    time, then follows a cosine to 0 at ``seconds``. Flips as train_ssd's; bf16 autocast where pick_precision
+    chooses it. A non-finite loss raises FloatingPointError naming the step and the images; the model is left as
+    it was before that batch. Returns {"steps", "examples", "seconds", "examples_per_s", "loss" (per step)}.
+    """
+    images, labels = train_data
+    use_bf16 = pick_precision(device)[0]
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=4e-5)
+    generator = torch.Generator().manual_seed(seed)
+    model.to(device).train()
+    history, start = {"steps": 0, "examples": 0, "loss": []}, time.perf_counter()
+    with tqdm.auto.tqdm(total=round(seconds), desc="training (s)", disable=not progress) as bar:
+        while time.perf_counter() - start < seconds:
+            for idx, X, Y in batches(images, labels, batch_size, generator):
+                elapsed = (time.perf_counter() - start) / seconds  # share of the budget spent
+                if elapsed >= 1:
+                    break
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * min(1.0, elapsed / 0.05) * 0.5 * (1 + math.cos(math.pi * elapsed))
+                X, Y = hflip_batch(X, Y, generator)
+                history["loss"].append(_detection_step(model, optimizer, X, Y, device, use_bf16, idx))
+                history["steps"], history["examples"] = history["steps"] + 1, history["examples"] + len(X)
+                bar.update(round(time.perf_counter() - start) - bar.n)
+    history["seconds"] = time.perf_counter() - start
+    history["examples_per_s"] = history["examples"] / history["seconds"]
+    return history
+
+
+def _detection_step(model, optimizer, images, labels, device, use_bf16, ids):
+    """One SGD step of a torchvision detection model on a batch; the summed loss as a float."""
+    saved = {name: buffer.clone() for name, buffer in model.named_buffers()}  # batch-norm statistics
+    X = list((images.float() / 255).to(device))
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        losses = model(X, [{k: v.to(device) for k, v in t.items()} for t in ssdlite_targets(labels, images.shape[-1])])
+    loss = sum(losses.values()).float()
+    optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        _undo_forward(model, optimizer, saved)
+        raise FloatingPointError(f"the loss is {loss.item()} for the batch of images {ids.tolist()[:10]} (indices "
+                                 "into train_data); the model is left as it was before it. Lower lr.")
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+@torch.no_grad()
+def detect_torchvision(model, images, batch_size=50):
+    """A torchvision detection model's detections as our rows. Introduced in 12_speed_and_deployment.
+
+    images (N, 3, H, W) uint8. Returns a list of N tensors (k, 6): (class, score, xmin, ymin, xmax, ymax), classes
+    from 0, boxes normalised to 0..1, best first: what detect_images returns for a TinySSD.
+    """
+    device = next(model.parameters()).device
+    model.eval()
+    scale = torch.tensor([images.shape[-1], images.shape[-2]] * 2)
+    out = []
+    for i in range(0, len(images), batch_size):
+        for found in model(list((images[i:i + batch_size].float() / 255).to(device))):
+            out.append(torch.cat((found["labels"][:, None].float().cpu() - 1, found["scores"][:, None].cpu(),
+                                  found["boxes"].cpu() / scale), dim=1))
+    return out
 
 
 # ---------------------------------------------------------------------------

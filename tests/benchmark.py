@@ -2,7 +2,9 @@
 
 Prints, for each task, the best time of several repeats for d2l and for us, and
 the ratio; then the examples/s of the book's training step and ours on the
-same batches. Inputs are seeded, so a re-run measures the same work.
+same batches, first with glibc's default allocator, then with it keeping freed
+memory (H.keep_freed_memory, which train_ssd applies). Inputs are seeded, so a
+re-run measures the same work.
 """
 import argparse
 import time
@@ -176,7 +178,7 @@ def seed_step(net, trainer, features, target, device):
             seed_bbox_eval(bbox_preds, bbox_labels, bbox_masks), bbox_labels.numel())
 
 
-def bench_training(batches, warmup):
+def bench_training(batches, warmup, title):
     """The book's training step against ours, on the same batches, interleaved batch by batch.
 
     The seed: the book's TinySSD, d2l's multibox_target, a DataLoader over a list
@@ -221,11 +223,13 @@ def bench_training(batches, warmup):
             run(ids)
             if b >= warmup:
                 spent[name] += time.perf_counter() - start
-    print(f"training step, {batches} timed batches of 32 per variant (interleaved), {warmup} warm-up:")
+    print(f"training step, {title}: {batches} timed batches of 32 per variant (interleaved), {warmup} warm-up")
     book = batches * 32 / spent["book (d2l, fp32 NCHW)"]
+    rates = {}
     for name, seconds in spent.items():
-        rate = batches * 32 / seconds
-        print(f"  {name:<26} {rate:6.1f} examples/s   {rate / book:5.2f}x the book")
+        rates[name] = batches * 32 / seconds
+        print(f"  {name:<26} {rates[name]:6.1f} examples/s   {rates[name] / book:5.2f}x the book")
+    return rates
 
 
 def main():
@@ -242,7 +246,13 @@ def main():
         bench_multibox_target(anchors, args.repeat)
         bench_multibox_detection(anchors, args.repeat)
     if not args.skip_training:
-        bench_training(args.batches, args.warmup)
+        before = bench_training(args.batches, args.warmup, "glibc's default allocator (the book's setting)")
+        if H.keep_freed_memory():  # what train_ssd does (TrainConfig.keep_freed_memory)
+            after = bench_training(args.batches, args.warmup, "glibc keeping freed memory (train_ssd's setting)")
+            book, ours = before["book (d2l, fp32 NCHW)"], max(after.values())
+            best = max(after, key=after.get)
+            print(f"as each runs by default: {best} with kept memory {ours:.1f} examples/s against the book's "
+                  f"{book:.1f} with the default allocator: {ours / book:.2f}x")
 
 
 if __name__ == "__main__":

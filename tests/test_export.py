@@ -1,0 +1,59 @@
+"""The ONNX export (notebook 12): one graph from pixels to detections, checked against detect().
+
+A small untrained TinySSD keeps these fast; the notebook checks the trained model the same way.
+"""
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+
+import ssd_helpers as H
+
+ort = pytest.importorskip("onnxruntime")
+
+
+def matched_difference(ours, theirs, width, height):
+    """Pair rows one to one by class and box; returns (largest box gap / image side, largest score gap)."""
+    assert ours.shape == theirs.shape
+    if len(ours) == 0:
+        return 0.0, 0.0
+    scale = torch.tensor([width, height, width, height])
+    gaps = ((ours[:, None, 2:] - theirs[None, :, 2:]) / scale).abs().amax(-1)
+    cost = gaps + 1e6 * (ours[:, None, 0] != theirs[None, :, 0])
+    rows, cols = linear_sum_assignment(cost.numpy())
+    return cost[rows, cols].max().item(), (ours[rows, 1] - theirs[cols, 1]).abs().max().item()
+
+
+@pytest.mark.parametrize("num_classes", [1, 3])
+def test_onnx_detections_match_detect(tmp_path, num_classes):
+    H.set_seed(0)
+    net = H.TinySSD(H.default_config(num_classes=num_classes)).eval()
+    path = H.export_onnx(net, tmp_path / "tiny.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for height, width in [(256, 256), (256, 400), (300, 200), (64, 64)]:
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        ours, theirs = H.detect_onnx(session, image, threshold=0.0), H.detect(net, image, threshold=0.0)
+        assert len(theirs) > 0
+        box_gap, score_gap = matched_difference(ours, theirs, width, height)
+        assert box_gap <= 1e-3 and score_gap <= 1e-4, (height, width, box_gap, score_gap)
+
+
+def test_export_replaces_only_its_own_file(tmp_path):
+    net = H.TinySSD(H.default_config()).eval()
+    notes = tmp_path / "notes.onnx"
+    notes.write_text("my notes")
+    with pytest.raises(FileExistsError, match="not written by export_onnx"):
+        H.export_onnx(net, notes)
+    assert notes.read_text() == "my notes"
+    path = H.export_onnx(net, tmp_path / "model.onnx")
+    H.export_onnx(net, path)  # its own file: replaced
+    assert not list(tmp_path.glob(".model.onnx.*")), "no temporary file left behind"
+
+
+def test_export_leaves_the_model_alone(tmp_path):
+    net = H.TinySSD(H.default_config()).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    H.export_onnx(net, tmp_path / "model.onnx")
+    assert net.training
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
