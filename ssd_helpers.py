@@ -1104,7 +1104,7 @@ class DetectionDataset(torch.utils.data.Dataset):
     """One split held in memory. Introduced in 06_data.
 
     ``dataset[i]`` is ``(image, label)``: image float32 (3, H, W) in 0..255 as the
-    seed feeds it (``as_float=False``: uint8), label (max_objects, 5).
+    book feeds it (``as_float=False``: uint8), label (max_objects, 5).
     """
 
     def __init__(self, folder, as_float=True, num_classes=None):
@@ -1120,7 +1120,7 @@ class DetectionDataset(torch.utils.data.Dataset):
 
 
 def load_data_bananas(batch_size, root=None, seed=0, as_float=True, num_classes=None):
-    """The seed's ``load_data_bananas``: (train_iter, val_iter) DataLoaders. Introduced in 06_data.
+    """The book's ``load_data_bananas``: (train_iter, val_iter) DataLoaders. Introduced in 06_data.
 
     root: a folder holding ``bananas_train/`` and ``bananas_val/`` (d2l's real
     dataset works too); None generates ours into ``data/`` on first use.
