@@ -28,7 +28,9 @@ Conventions used everywhere:
 - Class 0 in ``cls_preds`` is the background; object class ``c`` is ``c + 1``.
 
 There is no module-level state: the device, the config and the seed are passed
-in explicitly.
+in explicitly. One setting is process-wide by nature: train_ssd asks glibc to
+keep freed memory (keep_freed_memory, 12_speed_and_deployment) unless its
+TrainConfig says keep_freed_memory=False.
 """
 
 import contextlib
@@ -1493,16 +1495,12 @@ def train_ssd(net, train_data, config, device, val_data=None, checkpoint=None,
               on_epoch_end=None, progress=True):
     """Train a TinySSD; returns the history. Introduced in 07_training.
 
-    train_data, val_data: (images (N, 3, H, W) uint8, labels (N, G, 5)) in memory.
-    With val_data, AP@0.5 and AP@[.5:.95] are measured after every epoch.
-    checkpoint: a path; the final model is saved there atomically.
-    on_epoch_end(epoch, history): e.g. ``live_plot()``. The history holds
-    per-epoch lists (loss, cls_err, fg_err, bbox_mae, lr, time, examples_per_s,
-    AP50, AP); examples_per_s times all the work of the epoch.
-    The data are checked before any step (check_images, check_labels). A
-    non-finite loss raises FloatingPointError naming the epoch, the batch and
-    the images (their index in train_data); the model is left as it was
-    before that batch.
+    train_data, val_data: (images (N, 3, H, W) uint8, labels (N, G, 5)) in memory; with val_data, AP@0.5 and
+    AP@[.5:.95] after every epoch. checkpoint: a path, saved atomically at the end. on_epoch_end(epoch, history):
+    e.g. ``live_plot()``. The history holds per-epoch lists (HISTORY_KEYS); examples_per_s times all of an epoch's
+    work. The data are checked before any step (check_images, check_labels). A non-finite loss raises
+    FloatingPointError naming the epoch, the batch and the images (indices into train_data), and leaves the model as
+    it was before that batch. config.keep_freed_memory (default True) calls keep_freed_memory(), process-wide.
     """
     _check_before_training(net, train_data, val_data)
     if config.keep_freed_memory:
@@ -2927,7 +2925,7 @@ def latency_ms(fn, runs=100, warmup=10):
 # own evaluate_map scores both models.
 
 def ssdlite_targets(labels, size):
-    """Our labels (B, G, 5), normalised, class -1 padding -> torchvision's targets. Introduced in 12_speed_and_deployment.
+    """Our labels (B, G, 5), normalised, -1 padding -> torchvision's targets. Introduced in 12_speed_and_deployment.
 
     Returns a list of B dicts: "boxes" (g, 4) float in pixels of a ``size`` x ``size`` image, "labels" (g,) int64
     counted from 1.
