@@ -13,7 +13,7 @@ Read it as a book. The sections follow the notebooks:
     7. Training: losses, metrics, the loop         (07_training)
     8. Prediction: load_model and detect           (08_prediction)
     9. Evaluation: mean average precision          (09_evaluation)
-    10. Improvements: box-aware augmentation       (10_improvements)
+    10. Improvements: focal loss, augmentation     (10_improvements)
     11. Your own data: readers, validation, shell  (11_your_own_data)
     12. Speed, ONNX export, torchvision's SSDlite  (12_speed_and_deployment)
     Appendix: how the synthetic images are drawn   (used by 06_data, not taught)
@@ -88,9 +88,8 @@ __all__ = [
     "DetectionDataset", "load_data_bananas",
     # 7. Training
     "TrainConfig", "IMAGENET_MEAN", "IMAGENET_STD", "default_config", "default_checkpoint",
-    "hflip_batch", "hard_negative_mask", "focal_loss", "init_background_prior", "calc_loss", "batch_metrics",
-    "cpu_has_native_bf16", "pick_precision", "keep_freed_memory", "CheckpointError", "save_checkpoint", "train_step",
-    "train_ssd",
+    "hflip_batch", "hard_negative_mask", "calc_loss", "batch_metrics",
+    "cpu_has_native_bf16", "pick_precision", "CheckpointError", "save_checkpoint", "train_step", "train_ssd",
     "detect_images",
     "plot_history", "live_plot", "train_default_model",
     # 8. Prediction
@@ -99,13 +98,13 @@ __all__ = [
     "match_detections", "precision_recall", "precision_envelope", "average_precision",
     "class_precision_recall", "mean_average_precision", "evaluate_map", "plot_pr_curve",
     # 10. Improvements
-    "ssd_augmentation", "augment_sample", "augment_batch", "show_augmented",
+    "focal_loss", "init_background_prior", "ssd_augmentation", "augment_sample", "augment_batch", "show_augmented",
     "evaluate_splits", "train_variant", "for_bigger_input",
     # 11. Your own data
     "DetectionData", "read_dataset", "DatasetReport", "validate_dataset", "export_dataset",
     "draw_detections", "detect_folder", "main",
     # 12. Speed and deployment
-    "ExportableDetector", "export_onnx", "detect_onnx", "latency_ms", "ssdlite_targets", "train_for_seconds",
+    "keep_freed_memory", "ExportableDetector", "export_onnx", "detect_onnx", "latency_ms", "ssdlite_targets", "train_for_seconds",
     "detect_torchvision",
     # Appendix: how the synthetic images are drawn
     "banana_sprite", "orange_sprite", "load_backgrounds", "random_background", "render_scene",
@@ -1238,35 +1237,6 @@ def hard_negative_mask(cls_loss, cls_labels, neg_ratio=3.0):
     return positive | (neg_loss >= hardest.gather(1, num_neg - 1))
 
 
-def focal_loss(logits, labels, gamma=2.0, alpha=None):
-    """Softmax focal loss per row: (N, C) logits, (N,) class ids -> (N,). Introduced in 10_improvements.
-
-    -alpha_t (1 - p_t)^gamma log(p_t), p_t = softmax probability of the true class (Lin et al. 2017). gamma = 0
-    is cross-entropy; a larger gamma shrinks the loss of anchors that are already right (p_t near 1), mostly easy
-    background. alpha_t = alpha for object rows (label > 0) and 1 - alpha for background; None: 1 for both.
-    """
-    log_pt = F.log_softmax(logits.float(), dim=-1).gather(-1, labels[:, None]).squeeze(-1)
-    # clamp: for gamma < 1 the gradient of x^gamma is infinite at x = 0 (p_t rounded to 1)
-    loss = -(-torch.expm1(log_pt)).clamp(min=1e-12).pow(gamma) * log_pt
-    return loss if alpha is None else loss * torch.where(labels > 0, alpha, 1 - alpha)
-
-
-@torch.no_grad()
-def init_background_prior(net, prior=0.01):
-    """Start every anchor at P(background) = 1 - ``prior``. Introduced in 10_improvements.
-
-    Focal loss sums over every anchor; from a uniform start the ~5000
-    background anchors per image swamp the first steps (RetinaNet, Lin et al.
-    2017, sec. 4.1). With foreground logits at 0 and the background bias b,
-    softmax gives P(background) = e^b / (e^b + C), so b = log(C (1 - prior) / prior).
-    """
-    num_classes = net.config.num_classes
-    for head in net.cls_heads:
-        head.bias.view(-1, num_classes + 1)[:, 0] = math.log(num_classes * (1 - prior) / prior)
-        head.bias.view(-1, num_classes + 1)[:, 1:] = 0.0
-    return net
-
-
 def calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks,
               neg_ratio=0.0, bbox_weight=1.0, loss_norm="anchors",
               box_loss="l1", cls_loss="ce", focal_gamma=2.0, focal_alpha=None):
@@ -1327,24 +1297,6 @@ def cpu_has_native_bf16():
         return bool(native and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
-
-
-def keep_freed_memory():
-    """Ask glibc to keep freed memory for reuse. Introduced in 12_speed_and_deployment.
-
-    A training step frees and allocates the same large tensors every time. By default glibc returns each large
-    block to the kernel when it is freed (munmap, heap trimming), and the next step faults it back in page by page,
-    zeroed: about 300,000 minor page faults per bf16 step of 32 images (12_speed_and_deployment measures it).
-    ``mallopt(M_MMAP_MAX, 0)`` and a high ``M_TRIM_THRESHOLD`` keep the memory in the process instead, as the
-    environment variables MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=... would. Process-wide and lasting;
-    train_ssd calls it when ``TrainConfig.keep_freed_memory`` is True. Returns True if applied (Linux with glibc).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: macOS, Windows, musl
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def pick_precision(device, bf16="auto", channels_last="auto"):
@@ -2039,8 +1991,40 @@ def plot_pr_curve(recall, precision, ax=None, label=None):
 
 
 # ---------------------------------------------------------------------------
-# 10. Improvements: box-aware augmentation (10_improvements)
+# 10. Improvements: focal loss and box-aware augmentation (10_improvements)
 # ---------------------------------------------------------------------------
+
+# calc_loss (section 7) calls focal_loss when TrainConfig(cls_loss="focal").
+
+def focal_loss(logits, labels, gamma=2.0, alpha=None):
+    """Softmax focal loss per row: (N, C) logits, (N,) class ids -> (N,). Introduced in 10_improvements.
+
+    -alpha_t (1 - p_t)^gamma log(p_t), p_t = softmax probability of the true class (Lin et al. 2017). gamma = 0
+    is cross-entropy; a larger gamma shrinks the loss of anchors that are already right (p_t near 1), mostly easy
+    background. alpha_t = alpha for object rows (label > 0) and 1 - alpha for background; None: 1 for both.
+    """
+    log_pt = F.log_softmax(logits.float(), dim=-1).gather(-1, labels[:, None]).squeeze(-1)
+    # clamp: for gamma < 1 the gradient of x^gamma is infinite at x = 0 (p_t rounded to 1)
+    loss = -(-torch.expm1(log_pt)).clamp(min=1e-12).pow(gamma) * log_pt
+    return loss if alpha is None else loss * torch.where(labels > 0, alpha, 1 - alpha)
+
+
+@torch.no_grad()
+def init_background_prior(net, prior=0.01):
+    """Start every anchor at P(background) = 1 - ``prior``. Introduced in 10_improvements.
+
+    Focal loss sums over every anchor; from a uniform start the ~5000
+    background anchors per image swamp the first steps (RetinaNet, Lin et al.
+    2017, sec. 4.1). With foreground logits at 0 and the background bias b,
+    softmax gives P(background) = e^b / (e^b + C), so b = log(C (1 - prior) / prior).
+    """
+    num_classes = net.config.num_classes
+    for head in net.cls_heads:
+        head.bias.view(-1, num_classes + 1)[:, 0] = math.log(num_classes * (1 - prior) / prior)
+        head.bias.view(-1, num_classes + 1)[:, 1:] = 0.0
+    return net
+
+
 #
 # Batches are uint8 images (B, 3, H, W) and float32 labels (B, G, 5) with rows
 # (class, xmin, ymin, xmax, ymax) normalised to 0..1, padded with rows of -1.
@@ -2813,9 +2797,29 @@ def main(argv=None):
 
 
 # ---------------------------------------------------------------------------
-# 12. Speed and deployment: the model and its decoding as one ONNX graph (12_speed_and_deployment)
+# 12. Speed and deployment: the allocator, one ONNX graph, torchvision's SSDlite (12_speed_and_deployment)
 # ---------------------------------------------------------------------------
 #
+# train_ssd (section 7) calls keep_freed_memory when TrainConfig(keep_freed_memory=True), the default.
+
+def keep_freed_memory():
+    """Ask glibc to keep freed memory for reuse. Introduced in 12_speed_and_deployment.
+
+    A training step frees and allocates the same large tensors every time. By default glibc returns each large
+    block to the kernel when it is freed (munmap, heap trimming), and the next step faults it back in page by page,
+    zeroed: about 300,000 minor page faults per bf16 step of 32 images (12_speed_and_deployment measures it).
+    ``mallopt(M_MMAP_MAX, 0)`` and a high ``M_TRIM_THRESHOLD`` keep the memory in the process instead, as the
+    environment variables MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=... would. Process-wide and lasting;
+    train_ssd calls it when ``TrainConfig.keep_freed_memory`` is True. Returns True if applied (Linux with glibc).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: macOS, Windows, musl
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
 # A deployed detector should take an image and return detections, with nothing left for the caller to decode.
 # ExportableDetector is TinySSD plus multibox_detection's steps for one image, written so that torch.export can
 # trace them: no Python branch on a tensor's value, and NMS as one torchvision.ops.nms call, which the exporter
