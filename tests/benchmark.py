@@ -178,7 +178,7 @@ def seed_step(net, trainer, features, target, device):
             seed_bbox_eval(bbox_preds, bbox_labels, bbox_masks), bbox_labels.numel())
 
 
-def bench_training(batches, warmup, title):
+def bench_training(batches, warmup, title, compile_step=False):
     """The book's training step against ours, on the same batches, interleaved batch by batch.
 
     The seed: the book's TinySSD, d2l's multibox_target, a DataLoader over a list
@@ -204,12 +204,17 @@ def bench_training(batches, warmup, title):
 
     variants = {"book (d2l, fp32 NCHW)": run_seed}
     native_bf16 = H.cpu_has_native_bf16()
-    for name, bf16, cl in (("ours fp32 NCHW", False, False), ("ours fp32 channels_last", False, True),
-                           ("ours bf16 channels_last", True, True)):
+    ours = [("ours fp32 NCHW", False, False, False), ("ours fp32 channels_last", False, True, False),
+            ("ours bf16 channels_last", True, True, False)]
+    if compile_step:  # --compile: the model's forward compiled by torch.compile (inductor), compiled in warm-up
+        ours.append(("ours bf16 cl, compiled", True, True, True))
+    for name, bf16, cl, compiled in ours:
         if bf16 and not native_bf16:
             continue
         torch.manual_seed(0)
         net = H.TinySSD(H.default_config()).to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        if compiled:
+            net.compile()
         opt = torch.optim.SGD(net.parameters(), lr=0.02, weight_decay=5e-4)
         config = H.TrainConfig(hflip=False)
 
@@ -239,6 +244,8 @@ def main():
     parser.add_argument("--batches", type=int, default=12, help="timed training batches per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training batches first")
     parser.add_argument("--skip-training", action="store_true", help="only the helper benchmarks")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time our bf16 step with the model compiled by torch.compile (needs a C++ compiler)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with torch.no_grad():
@@ -246,11 +253,14 @@ def main():
         bench_multibox_target(anchors, args.repeat)
         bench_multibox_detection(anchors, args.repeat)
     if not args.skip_training:
-        before = bench_training(args.batches, args.warmup, "glibc's default allocator (the book's setting)")
+        before = bench_training(args.batches, args.warmup, "glibc's default allocator (the book's setting)",
+                                args.compile)
         if H.keep_freed_memory():  # what train_ssd does (TrainConfig.keep_freed_memory)
-            after = bench_training(args.batches, args.warmup, "glibc keeping freed memory (train_ssd's setting)")
-            book, ours = before["book (d2l, fp32 NCHW)"], max(after.values())
-            best = max(after, key=after.get)
+            after = bench_training(args.batches, args.warmup, "glibc keeping freed memory (train_ssd's setting)",
+                                   args.compile)
+            defaults = {name: rate for name, rate in after.items() if "compiled" not in name}  # what train_ssd runs
+            best = max(defaults, key=defaults.get)
+            book, ours = before["book (d2l, fp32 NCHW)"], defaults[best]
             print(f"as each runs by default: {best} with kept memory {ours:.1f} examples/s against the book's "
                   f"{book:.1f} with the default allocator: {ours / book:.2f}x")
 

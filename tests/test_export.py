@@ -24,11 +24,15 @@ def matched_difference(ours, theirs, width, height):
     return cost[rows, cols].max().item(), (ours[rows, 1] - theirs[cols, 1]).abs().max().item()
 
 
-@pytest.mark.parametrize("num_classes", [1, 3])
-def test_onnx_detections_match_detect(tmp_path, num_classes):
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A small untrained one-class TinySSD and its ONNX file, exported once for the tests below."""
     H.set_seed(0)
-    net = H.TinySSD(H.default_config(num_classes=num_classes)).eval()
-    path = H.export_onnx(net, tmp_path / "tiny.onnx")
+    net = H.TinySSD(H.default_config(num_classes=1)).eval()
+    return net, H.export_onnx(net, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+
+
+def check_against_detect(net, path):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     for height, width in [(256, 256), (256, 400), (300, 200), (64, 64)]:
@@ -39,21 +43,28 @@ def test_onnx_detections_match_detect(tmp_path, num_classes):
         assert box_gap <= 1e-3 and score_gap <= 1e-4, (height, width, box_gap, score_gap)
 
 
-def test_export_replaces_only_its_own_file(tmp_path):
-    net = H.TinySSD(H.default_config()).eval()
+def test_onnx_detections_match_detect(exported):
+    check_against_detect(*exported)
+
+
+def test_onnx_detections_match_detect_with_three_classes(tmp_path):
+    H.set_seed(0)
+    net = H.TinySSD(H.default_config(num_classes=3)).eval()
+    check_against_detect(net, H.export_onnx(net, tmp_path / "tiny3.onnx"))
+
+
+def test_export_replaces_only_its_own_file_and_leaves_the_model_alone(tmp_path, exported):
+    net = H.TinySSD(H.default_config()).train()
     notes = tmp_path / "notes.onnx"
     notes.write_text("my notes")
     with pytest.raises(FileExistsError, match="not written by export_onnx"):
         H.export_onnx(net, notes)
     assert notes.read_text() == "my notes"
-    path = H.export_onnx(net, tmp_path / "model.onnx")
-    H.export_onnx(net, path)  # its own file: replaced
-    assert not list(tmp_path.glob(".model.onnx.*")), "no temporary file left behind"
-
-
-def test_export_leaves_the_model_alone(tmp_path):
-    net = H.TinySSD(H.default_config()).train()
+    path = tmp_path / "model.onnx"
+    path.write_bytes(exported[1].read_bytes())  # a file export_onnx wrote
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    H.export_onnx(net, tmp_path / "model.onnx")
-    assert net.training
+    H.export_onnx(net, path)  # its own file: replaced
+    assert path.read_bytes() != exported[1].read_bytes(), "other weights, another file"
+    assert not list(tmp_path.glob(".model.onnx.*")), "no temporary file left behind"
+    assert net.training, "the caller's model stays in training mode"
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
