@@ -104,8 +104,8 @@ __all__ = [
     "DetectionData", "read_dataset", "DatasetReport", "validate_dataset", "export_dataset",
     "draw_detections", "detect_folder", "main",
     # 12. Speed and deployment
-    "keep_freed_memory", "ExportableDetector", "export_onnx", "detect_onnx", "latency_ms", "ssdlite_targets", "train_for_seconds",
-    "detect_torchvision",
+    "keep_freed_memory", "fold_batch_norm", "ExportableDetector", "export_onnx", "detect_onnx", "latency_ms",
+    "ssdlite_targets", "train_for_seconds", "detect_torchvision",
     # Appendix: how the synthetic images are drawn
     "banana_sprite", "orange_sprite", "load_backgrounds", "random_background", "render_scene",
     "make_test_scene", "draw_boxes",
@@ -135,6 +135,9 @@ class SSDConfig:
     pixel_std: tuple | None = None
     # Names of the classes, in id order, saved with the model (11_your_own_data).
     class_names: tuple | None = None
+    # 2: the first convolution has stride 2 and the first block no pool (down_sample_blk): the same
+    # feature-map sizes from block 1 on, less work (12_speed_and_deployment). 1 is the book's.
+    first_stride: int = 1
 
     @property
     def num_anchors(self):
@@ -237,38 +240,41 @@ def concat_preds(preds):
 # 3. Blocks (03_blocks)
 # ---------------------------------------------------------------------------
 
-def down_sample_blk(in_channels, out_channels):
+def down_sample_blk(in_channels, out_channels, stride=1):
     """Two (conv 3x3, batch norm, ReLU) then 2x2 max-pool. Introduced in 03_blocks.
 
     (batch, in_channels, h, w) -> (batch, out_channels, h // 2, w // 2).
+    stride=2 (12_speed_and_deployment): the first convolution halves the size
+    instead, and there is no pool, so no feature map of the input's size is made.
     """
     layers = []
-    for _ in range(2):
-        layers += [nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+    for i in range(2):
+        layers += [nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, stride=stride if i == 0 else 1),
                    nn.BatchNorm2d(out_channels), nn.ReLU()]
         in_channels = out_channels
-    layers.append(nn.MaxPool2d(2))
+    if stride == 1:
+        layers.append(nn.MaxPool2d(2))
     return nn.Sequential(*layers)
 
 
-def base_net():
+def base_net(first_stride=1):
     """Three down-sampling blocks, 3 -> 16 -> 32 -> 64 channels. Introduced in 03_blocks.
 
-    (batch, 3, h, w) -> (batch, 64, h // 8, w // 8).
+    (batch, 3, h, w) -> (batch, 64, h // 8, w // 8). first_stride: the first block's stride (down_sample_blk).
     """
     num_filters = [3, 16, 32, 64]
-    return nn.Sequential(*[down_sample_blk(num_filters[i], num_filters[i + 1])
+    return nn.Sequential(*[down_sample_blk(num_filters[i], num_filters[i + 1], first_stride if i == 0 else 1)
                            for i in range(len(num_filters) - 1)])
 
 
-def get_blk(i):
+def get_blk(i, first_stride=1):
     """Block ``i`` of TinySSD's five. Introduced in 03_blocks.
 
     0: base_net (3 -> 64 channels, /8); 1: 64 -> 128, /2; 2 and 3: 128 -> 128, /2;
-    4: global max-pool to 1x1.
+    4: global max-pool to 1x1. first_stride: passed to base_net.
     """
     if i == 0:
-        return base_net()
+        return base_net(first_stride)
     if i == 1:
         return down_sample_blk(64, 128)
     if i == 4:
@@ -616,6 +622,8 @@ def _check_ssd_config(cfg):
         raise ValueError(f"{len(cfg.class_names)} class_names for num_classes={cfg.num_classes}")
     if (cfg.pixel_mean is None) != (cfg.pixel_std is None):
         raise ValueError("give both pixel_mean and pixel_std, or neither")
+    if cfg.first_stride not in (1, 2):
+        raise ValueError(f"first_stride must be 1 (the book's) or 2, not {cfg.first_stride!r}")
     return cfg
 
 
@@ -632,7 +640,7 @@ class TinySSD(nn.Module):
         super().__init__()
         self.config = cfg = _check_ssd_config(dataclasses.replace(config or SSDConfig(), **overrides))
         in_channels = [64, 128, 128, 128, 128]
-        self.blks = nn.ModuleList([get_blk(i) for i in range(5)])
+        self.blks = nn.ModuleList([get_blk(i, cfg.first_stride) for i in range(5)])
         self.cls_heads = nn.ModuleList([cls_predictor(c, cfg.num_anchors, cfg.num_classes) for c in in_channels])
         self.bbox_heads = nn.ModuleList([bbox_predictor(c, cfg.num_anchors) for c in in_channels])
         if cfg.pixel_mean is not None:  # buffers follow .to(device) but are not saved
@@ -2797,7 +2805,8 @@ def main(argv=None):
 
 
 # ---------------------------------------------------------------------------
-# 12. Speed and deployment: the allocator, one ONNX graph, torchvision's SSDlite (12_speed_and_deployment)
+# 12. Speed and deployment: the allocator, folded batch norm, one ONNX graph, torchvision's SSDlite
+#     (12_speed_and_deployment)
 # ---------------------------------------------------------------------------
 #
 # train_ssd (section 7) calls keep_freed_memory when TrainConfig(keep_freed_memory=True), the default.
@@ -2818,6 +2827,24 @@ def keep_freed_memory():
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def fold_batch_norm(net):
+    """A copy of ``net`` for inference, each batch norm folded into the convolution before it. 12_speed_and_deployment.
+
+    In eval mode a batch norm is a fixed scale and shift per channel, so it can be merged into the convolution's
+    weights and bias (``torch.nn.utils.fusion.fuse_conv_bn_eval``): the same outputs up to rounding, one pass
+    over each feature map fewer. The copy is in eval mode, on net's device; net is unchanged. Not for training,
+    where batch norm uses each batch's own statistics.
+    """
+    folded = copy.deepcopy(net).eval()
+    for block in folded.modules():
+        if isinstance(block, nn.Sequential):
+            for i in range(len(block) - 1):
+                if isinstance(block[i], nn.Conv2d) and isinstance(block[i + 1], nn.BatchNorm2d):
+                    block[i] = torch.nn.utils.fusion.fuse_conv_bn_eval(block[i], block[i + 1])
+                    block[i + 1] = nn.Identity()
+    return folded
 
 
 # A deployed detector should take an image and return detections, with nothing left for the caller to decode.

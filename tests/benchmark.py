@@ -178,13 +178,30 @@ def seed_step(net, trainer, features, target, device):
             seed_bbox_eval(bbox_preds, bbox_labels, bbox_masks), bbox_labels.numel())
 
 
+def interleaved_seconds(variants, batch_ids, warmup):
+    """Seconds each variant ({name: function of a batch of ids}) spent on the batches after the first ``warmup``.
+
+    The variants run in turn on each batch, so a busy moment of the machine hits them alike.
+    """
+    spent = dict.fromkeys(variants, 0.0)
+    for b, ids in enumerate(batch_ids):
+        for name, run in variants.items():
+            start = time.perf_counter()
+            run(ids)
+            if b >= warmup:
+                spent[name] += time.perf_counter() - start
+    return spent
+
+
 def bench_training(batches, warmup, title, compile_step=False):
     """The book's training step against ours, on the same batches, interleaved batch by batch.
 
     The seed: the book's TinySSD, d2l's multibox_target, a DataLoader over a list
     of uint8 images made float per item (d2l's BananasDataset), fp32 NCHW.
     Ours: H.train_step (uint8 batches sliced from one tensor, vectorised targets,
-    our default loss) in fp32 NCHW and in bf16 + channels_last when the CPU has it.
+    our default loss) in fp32 NCHW and in bf16 + channels_last when the CPU has it,
+    and bf16 + channels_last with SSDConfig(first_stride=2), a first block that
+    makes no full-size feature map (not the default; notebook 12 compares its AP).
     Each timed step holds everything a loop does per batch: batch, targets,
     forward, loss, backward, update, metrics.
     """
@@ -204,15 +221,17 @@ def bench_training(batches, warmup, title, compile_step=False):
 
     variants = {"book (d2l, fp32 NCHW)": run_seed}
     native_bf16 = H.cpu_has_native_bf16()
-    ours = [("ours fp32 NCHW", False, False, False), ("ours fp32 channels_last", False, True, False),
-            ("ours bf16 channels_last", True, True, False)]
+    ours = [("ours fp32 NCHW", False, False, False, 1), ("ours fp32 channels_last", False, True, False, 1),
+            ("ours bf16 channels_last", True, True, False, 1),
+            ("ours bf16 cl, first_stride=2", True, True, False, 2)]  # not the default model (notebook 12)
     if compile_step:  # --compile: the model's forward compiled by torch.compile (inductor), compiled in warm-up
-        ours.append(("ours bf16 cl, compiled", True, True, True))
-    for name, bf16, cl, compiled in ours:
+        ours.append(("ours bf16 cl, compiled", True, True, True, 1))
+    for name, bf16, cl, compiled, first_stride in ours:
         if bf16 and not native_bf16:
             continue
         torch.manual_seed(0)
-        net = H.TinySSD(H.default_config()).to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        net = H.TinySSD(H.default_config(), first_stride=first_stride)
+        net = net.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
         if compiled:
             net.compile()
         opt = torch.optim.SGD(net.parameters(), lr=0.02, weight_decay=5e-4)
@@ -221,19 +240,13 @@ def bench_training(batches, warmup, title, compile_step=False):
         def run(ids, net=net, opt=opt, config=config, bf16=bf16, cl=cl):
             H.train_step(net, opt, images[ids], labels[ids], config, device, bf16, cl)
         variants[name] = run
-    spent = dict.fromkeys(variants, 0.0)
-    for b, ids in enumerate(batch_ids):
-        for name, run in variants.items():
-            start = time.perf_counter()
-            run(ids)
-            if b >= warmup:
-                spent[name] += time.perf_counter() - start
+    spent = interleaved_seconds(variants, batch_ids, warmup)
     print(f"training step, {title}: {batches} timed batches of 32 per variant (interleaved), {warmup} warm-up")
     book = batches * 32 / spent["book (d2l, fp32 NCHW)"]
     rates = {}
     for name, seconds in spent.items():
         rates[name] = batches * 32 / seconds
-        print(f"  {name:<26} {rates[name]:6.1f} examples/s   {rates[name] / book:5.2f}x the book")
+        print(f"  {name:<30} {rates[name]:6.1f} examples/s   {rates[name] / book:5.2f}x the book")
     return rates
 
 
@@ -258,7 +271,8 @@ def main():
         if H.keep_freed_memory():  # what train_ssd does (TrainConfig.keep_freed_memory)
             after = bench_training(args.batches, args.warmup, "glibc keeping freed memory (train_ssd's setting)",
                                    args.compile)
-            defaults = {name: rate for name, rate in after.items() if "compiled" not in name}  # what train_ssd runs
+            defaults = {name: rate for name, rate in after.items()  # what train_ssd runs on the default model
+                        if "compiled" not in name and "first_stride" not in name}
             best = max(defaults, key=defaults.get)
             book, ours = before["book (d2l, fp32 NCHW)"], defaults[best]
             print(f"as each runs by default: {best} with kept memory {ours:.1f} examples/s against the book's "

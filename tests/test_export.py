@@ -68,3 +68,19 @@ def test_export_replaces_only_its_own_file_and_leaves_the_model_alone(tmp_path, 
     assert not list(tmp_path.glob(".model.onnx.*")), "no temporary file left behind"
     assert net.training, "the caller's model stays in training mode"
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_fold_batch_norm_gives_the_same_outputs_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    net = H.TinySSD(H.default_config())
+    H.train_step(net, torch.optim.SGD(net.parameters(), lr=0.01), torch.randint(0, 256, (4, 3, 128, 128),
+                 dtype=torch.uint8), torch.tensor([[[0, 0.1, 0.2, 0.5, 0.6]]] * 4), H.TrainConfig(),
+                 torch.device("cpu"))  # batch norm statistics that are not the initial 0 and 1
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    folded = H.fold_batch_norm(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert net.training and all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    X = torch.rand(2, 3, 192, 160) * 255
+    with torch.no_grad():
+        for a, b in zip(net.eval()(X), folded(X)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

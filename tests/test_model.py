@@ -52,6 +52,23 @@ def test_tinyssd_is_configurable_and_takes_any_size():
         H.TinySSD(sizes=((0.2,),) * 4)
 
 
+def test_first_stride_two_skips_the_full_size_maps_and_keeps_the_rest(tmp_path):
+    book, strided = H.TinySSD(), H.TinySSD(first_stride=2)
+    seen = []
+    hook = strided.blks[0][0][0].register_forward_hook(lambda m, i, out: seen.append(out.shape))
+    X = torch.zeros(2, 3, 256, 200)
+    for a, b in zip(book(X), strided(X)):
+        assert a.shape == b.shape  # the same anchors and predictions from block 1 on
+    hook.remove()
+    assert seen == [(2, 16, 128, 100)]  # the first convolution already halves the input
+    assert not any(isinstance(m, torch.nn.MaxPool2d) for m in strided.blks[0][0])
+    assert sum(p.numel() for p in book.parameters()) == sum(p.numel() for p in strided.parameters())
+    H.save_checkpoint(tmp_path / "strided.pt", strided)
+    assert H.load_model(tmp_path / "strided.pt")[0].config.first_stride == 2
+    with pytest.raises(ValueError, match="first_stride"):
+        H.TinySSD(first_stride=4)
+
+
 def test_pick_device_is_explicit():
     assert H.pick_device("cpu") == torch.device("cpu")
     assert H.pick_device().type in {"cpu", "cuda", "mps"}
