@@ -2715,13 +2715,19 @@ def _image_files(sources):
 
 
 def draw_detections(pixels, detections, class_names=None):
-    """A PIL copy of uint8 (3, H, W) pixels with detections (k, 6) drawn, labelled. Introduced in 11_your_own_data."""
+    """A PIL copy of uint8 (3, H, W) pixels with detections (k, 6) drawn, labelled. Introduced in 11_your_own_data.
+
+    Boxes are drawn first and labels after them, the best detection's last, so a label is covered only by a
+    better one's.
+    """
     image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
     draw = ImageDraw.Draw(image)
     colours = ((255, 255, 255), (0, 200, 255), (255, 220, 0), (255, 0, 200))
-    for class_id, score, *box in detections.tolist():
+    rows = detections.tolist()  # best first
+    for class_id, score, *box in rows:  # every box first, so that no box is drawn across a label
+        draw.rectangle(box, outline=colours[int(class_id) % len(colours)], width=2)
+    for class_id, score, *box in reversed(rows):  # labels weakest first: the best one ends on top
         colour = colours[int(class_id) % len(colours)]
-        draw.rectangle(box, outline=colour, width=2)
         text = f"{_class_name(class_names, class_id)} {score:.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), text)
         x = min(max(0, box[0]), image.width - (right - left) - 4)  # keep the label inside the image

@@ -19,7 +19,7 @@ which notebook 12 loads:
   warm-up calls: eager, with batch norm folded into the convolutions
   (fold_batch_norm), ONNX Runtime, and the first_stride=2 model.
 
-About 25 minutes on a 2-core CPU with bf16, most of it training.
+About 18 minutes on a 2-core CPU with bf16: 15 to train the two models, 3 for the rest.
 `--parts speed latency` or `--no-compile` runs less and prints without writing the file.
 """
 import argparse
