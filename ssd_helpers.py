@@ -245,7 +245,8 @@ def down_sample_blk(in_channels, out_channels, stride=1):
 
     (batch, in_channels, h, w) -> (batch, out_channels, h // 2, w // 2).
     stride=2 (12_speed_and_deployment): the first convolution halves the size
-    instead, and there is no pool, so no feature map of the input's size is made.
+    instead, and there is no pool, so no feature map of the input's size is made
+    (an odd side becomes (h + 1) // 2).
     """
     layers = []
     for i in range(2):
@@ -2724,7 +2725,7 @@ def draw_detections(pixels, detections, class_names=None):
     draw = ImageDraw.Draw(image)
     colours = ((255, 255, 255), (0, 200, 255), (255, 220, 0), (255, 0, 200))
     rows = detections.tolist()  # best first
-    for class_id, score, *box in rows:  # every box first, so that no box is drawn across a label
+    for class_id, _, *box in rows:  # every box first, so that no box is drawn across a label
         draw.rectangle(box, outline=colours[int(class_id) % len(colours)], width=2)
     for class_id, score, *box in reversed(rows):  # labels weakest first: the best one ends on top
         colour = colours[int(class_id) % len(colours)]
@@ -2836,12 +2837,13 @@ def keep_freed_memory():
 
 
 def fold_batch_norm(net):
-    """A copy of ``net`` for inference, each batch norm folded into the convolution before it. 12_speed_and_deployment.
+    """A copy of ``net`` for inference, batch norm folded into the convolutions. Introduced in 12_speed_and_deployment.
 
-    In eval mode a batch norm is a fixed scale and shift per channel, so it can be merged into the convolution's
-    weights and bias (``torch.nn.utils.fusion.fuse_conv_bn_eval``): the same outputs up to rounding, one pass
-    over each feature map fewer. The copy is in eval mode, on net's device; net is unchanged. Not for training,
-    where batch norm uses each batch's own statistics.
+    Each BatchNorm2d that follows a Conv2d in an nn.Sequential is merged into it: in eval mode a batch norm is a
+    fixed scale and shift per channel, so it can go into the convolution's weights and bias
+    (``torch.nn.utils.fusion.fuse_conv_bn_eval``). The same outputs up to rounding, one pass over each feature map
+    fewer. The copy is in eval mode, on net's device; net is unchanged. Not for training, where batch norm uses
+    each batch's own statistics.
     """
     folded = copy.deepcopy(net).eval()
     for block in folded.modules():
