@@ -14,11 +14,11 @@ only those rows, that length or that seed and prints them without writing the
 file.
 """
 import argparse
-import csv
 import dataclasses
 import pathlib
 
 import ssd_helpers as H
+import study_csv
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "improvements_study.csv"
 
@@ -68,12 +68,7 @@ def main():
                      **{column: f"{result[column]:.3f}" for column in columns[4:]}})
         print("| " + " | ".join(str(v) for v in rows[-1].values()) + " |", flush=True)
     if args.rows is None and args.epochs is None and args.seed == 0:
-        RESULTS.parent.mkdir(exist_ok=True)
-        with open(RESULTS, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
-        print("wrote", RESULTS)
+        study_csv.write_rows(RESULTS, columns, rows)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,11 @@ row about eight. `--rows 0 5` runs only those rows and prints them without
 writing the file.
 """
 import argparse
-import csv
 import pathlib
 import time
 
 import ssd_helpers as H
+import study_csv
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "recipe_study.csv"
 
@@ -91,12 +91,7 @@ def main():
             rows.append(run(*row, data, args.epochs, device))
             print(" | ".join(str(v) for v in rows[-1].values()), flush=True)
     if args.rows is None:
-        RESULTS.parent.mkdir(exist_ok=True)
-        with open(RESULTS, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
-        print("wrote", RESULTS)
+        study_csv.write_rows(RESULTS, list(rows[0]), rows)
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,6 @@ About 18 minutes on a 2-core CPU with bf16: 15 to train the two models, 3 for th
 `--parts speed latency` or `--no-compile` runs less and prints without writing the file.
 """
 import argparse
-import csv
 import dataclasses
 import pathlib
 import warnings
@@ -34,6 +33,7 @@ from torch import nn
 
 import benchmark
 import ssd_helpers as H
+import study_csv
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "speed_study.csv"
 COLUMNS = ["part", "variant", "examples/s", "x book", "x ours", "p50 ms", "p90 ms",
@@ -159,12 +159,7 @@ def main():
     for row in rows:
         print("| " + " | ".join(row.get(column, "") for column in COLUMNS) + " |")
     if args.parts == list(PARTS) and not args.no_compile and (args.batches, args.warmup) == (12, 3):
-        RESULTS.parent.mkdir(exist_ok=True)
-        with open(RESULTS, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
-        print("wrote", RESULTS)
+        study_csv.write_rows(RESULTS, COLUMNS, rows)
 
 
 if __name__ == "__main__":
