@@ -136,7 +136,7 @@ class SSDConfig:
     # Names of the classes, in id order, saved with the model (11_your_own_data).
     class_names: tuple | None = None
     # 2: the first convolution has stride 2 and the first block no pool (down_sample_blk): the same
-    # feature-map sizes from block 1 on, less work (12_speed_and_deployment). 1 is the book's.
+    # feature-map sizes from block 1 on, less work (default_config's; 12_speed_and_deployment). 1 is the book's.
     first_stride: int = 1
 
     @property
@@ -1192,14 +1192,17 @@ class TrainConfig:
 
 
 def default_config(num_classes=1, class_names=None):
-    """The SSDConfig we train by default: the book's anchors, ImageNet pixel statistics. Introduced in 07_training.
+    """The SSDConfig we train by default. Introduced in 07_training.
 
+    The book's anchors, ImageNet pixel statistics, and first_stride=2: the first
+    convolution halves the image, so no 256 x 256 feature map is made. That step
+    is 1.3x faster for the same AP (12_speed_and_deployment measures both blocks).
     class_names (11_your_own_data): saved with the model; sets num_classes.
     """
     if class_names is not None:
         num_classes, class_names = len(class_names), tuple(class_names)
     return SSDConfig(num_classes=num_classes, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD,
-                     class_names=class_names)
+                     class_names=class_names, first_stride=2)
 
 
 def default_checkpoint(fast=False):
