@@ -2983,25 +2983,31 @@ def train_for_seconds(model, train_data, seconds, device, lr=0.025, batch_size=3
     """Train a torchvision detection model for ``seconds`` of wall-clock time. Introduced in 12_speed_and_deployment.
 
     train_data: (images (N, 3, S, S) uint8, labels (N, G, 5)). SGD with momentum 0.9 and weight decay 4e-5 (as
-    torchvision's SSDlite recipe, lr scaled to the batch); the learning rate warms up over the first 5% of the
-    time, then follows a cosine to 0 at ``seconds``. Flips as train_ssd's; bf16 autocast where pick_precision
-    chooses it. A non-finite loss raises FloatingPointError naming the step and the images; the model is left as
-    it was before that batch. Returns {"steps", "examples", "seconds", "examples_per_s", "loss" (per step)}.
+    torchvision's SSDlite recipe, lr scaled to the batch); the learning rate warms up linearly over the first
+    epoch's steps (as torchvision's detection reference does) under a cosine that reaches 0 at ``seconds``.
+    Flips as train_ssd's; freed memory kept, as train_ssd keeps it (keep_freed_memory); bf16 autocast where
+    pick_precision chooses it. A non-finite loss raises FloatingPointError naming the step and the images; the
+    model is left as it was before that batch. Returns {"steps", "examples", "seconds", "examples_per_s",
+    "loss" and "lr" (per step)}.
     """
     images, labels = train_data
     use_bf16 = pick_precision(device)[0]
+    keep_freed_memory()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=4e-5)
     generator = torch.Generator().manual_seed(seed)
     model.to(device).train()
-    history, start = {"steps": 0, "examples": 0, "loss": []}, time.perf_counter()
+    warmup_steps = math.ceil(len(images) / batch_size)  # one epoch
+    history, start = {"steps": 0, "examples": 0, "loss": [], "lr": []}, time.perf_counter()
     with tqdm.auto.tqdm(total=round(seconds), desc="training (s)", disable=not progress) as bar:
         while time.perf_counter() - start < seconds:
             for idx, X, Y in batches(images, labels, batch_size, generator):
                 elapsed = (time.perf_counter() - start) / seconds  # share of the budget spent
                 if elapsed >= 1:
                     break
+                warmup = min(1.0, (history["steps"] + 1) / warmup_steps)
+                history["lr"].append(lr * warmup * 0.5 * (1 + math.cos(math.pi * elapsed)))
                 for group in optimizer.param_groups:
-                    group["lr"] = lr * min(1.0, elapsed / 0.05) * 0.5 * (1 + math.cos(math.pi * elapsed))
+                    group["lr"] = history["lr"][-1]
                 X, Y = hflip_batch(X, Y, generator)
                 history["loss"].append(_detection_step(model, optimizer, X, Y, device, use_bf16, idx))
                 history["steps"], history["examples"] = history["steps"] + 1, history["examples"] + len(X)

@@ -61,6 +61,16 @@ def test_train_for_seconds_trains_and_stops_in_time():
     assert history["loss"][-1] < history["loss"][0]
 
 
+def test_train_for_seconds_warms_up_over_the_first_epoch_then_decays():
+    history = H.train_for_seconds(FixedDetector(), data(16), seconds=1.0, device=torch.device("cpu"), lr=0.1,
+                                  batch_size=4, progress=False)
+    lr = history["lr"]
+    assert len(lr) == history["steps"] > 8
+    assert lr[0] == pytest.approx(0.1 / 4, rel=0.05), "step 1 of a 4-step epoch: a quarter of the peak"
+    assert lr[0] < lr[1] < lr[2] < lr[3] and max(lr) == lr[3], "linear warm-up over the first epoch (4 steps)"
+    assert all(a >= b for a, b in zip(lr[3:], lr[4:])) and lr[-1] < 0.1 / 4, "then the cosine, towards 0"
+
+
 def test_train_for_seconds_stops_on_nan_and_leaves_the_model():
     model = FixedDetector()
     model.nan = True
