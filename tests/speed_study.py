@@ -12,7 +12,8 @@ which notebook 12 loads:
   validation split and on the small-banana one. Models are saved to
   data/speed_study/ and reused by a later run with the same settings.
 - speed: one training step on the same batches, interleaved batch by batch, all
-  with glibc keeping freed memory (train_ssd's setting): the book's step, ours,
+  with glibc keeping freed memory (train_ssd's setting): the book's step, ours
+  (with the book's first block, the default model when the study was run),
   ours on 1 thread instead of all, ours with in-place ReLU, ours with
   first_stride=2, and ours with the model compiled by torch.compile.
 - latency: `detect` per 256 x 256 image, p50 and p90 over 100 runs after 10
