@@ -47,27 +47,24 @@ def test_onnx_detections_match_detect(exported):
     check_against_detect(*exported)
 
 
-def test_onnx_detections_match_detect_with_three_classes(tmp_path):
+def test_three_classes_match_detect_and_export_replaces_only_its_own_file(tmp_path, exported):
+    """One export (they are slow) serves both: a three-class graph, written over a file export_onnx wrote."""
     H.set_seed(0)
-    net = H.TinySSD(H.default_config(num_classes=3)).eval()
-    check_against_detect(net, H.export_onnx(net, tmp_path / "tiny3.onnx"))
-
-
-def test_export_replaces_only_its_own_file_and_leaves_the_model_alone(tmp_path, exported):
-    net = H.TinySSD(H.default_config()).train()
+    net = H.TinySSD(H.default_config(num_classes=3)).train()
     notes = tmp_path / "notes.onnx"
     notes.write_text("my notes")
     with pytest.raises(FileExistsError, match="not written by export_onnx"):
         H.export_onnx(net, notes)
     assert notes.read_text() == "my notes"
-    path = tmp_path / "model.onnx"
+    path = tmp_path / "tiny3.onnx"
     path.write_bytes(exported[1].read_bytes())  # a file export_onnx wrote
     before = {k: v.clone() for k, v in net.state_dict().items()}
     H.export_onnx(net, path)  # its own file: replaced
     assert path.read_bytes() != exported[1].read_bytes(), "other weights, another file"
-    assert not list(tmp_path.glob(".model.onnx.*")), "no temporary file left behind"
+    assert not list(tmp_path.glob(".tiny3.onnx.*")), "no temporary file left behind"
     assert net.training, "the caller's model stays in training mode"
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    check_against_detect(net.eval(), path)
 
 
 def test_fold_batch_norm_gives_the_same_outputs_and_leaves_the_model_alone():
