@@ -178,6 +178,23 @@ def seed_step(net, trainer, features, target, device):
             seed_bbox_eval(bbox_preds, bbox_labels, bbox_masks), bbox_labels.numel())
 
 
+def book_step(images, labels, batch_ids, device):
+    """The book's training step as a function of a batch of ids, for interleaved_seconds.
+
+    Its DataLoader (d2l's BananasDataset) yields batch_ids in order, so call it once per row of batch_ids, in turn.
+    """
+    seed_iter = iter(torch.utils.data.DataLoader(SeedBananasDataset(images, labels),
+                                                 batch_sampler=batch_ids.tolist()))
+    torch.manual_seed(0)
+    seed_net = SeedTinySSD(num_classes=1)
+    seed_opt = torch.optim.SGD(seed_net.parameters(), lr=0.2, weight_decay=5e-4)
+
+    def run(ids):
+        features, target = next(seed_iter)
+        seed_step(seed_net, seed_opt, features, target, device)
+    return run
+
+
 def interleaved_seconds(variants, batch_ids, warmup):
     """Seconds each variant ({name: function of a batch of ids}) spent on the batches after the first ``warmup``.
 
@@ -209,17 +226,7 @@ def bench_training(batches, warmup, title, compile_step=False):
     images, labels = H.read_detection_folder(H.generate_banana_detection() / "bananas_train")
     n = (warmup + batches) * 32
     batch_ids = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:n].reshape(-1, 32)
-    seed_iter = iter(torch.utils.data.DataLoader(SeedBananasDataset(images, labels),
-                                                 batch_sampler=batch_ids.tolist()))
-    torch.manual_seed(0)
-    seed_net = SeedTinySSD(num_classes=1)
-    seed_opt = torch.optim.SGD(seed_net.parameters(), lr=0.2, weight_decay=5e-4)
-
-    def run_seed(ids):
-        features, target = next(seed_iter)
-        seed_step(seed_net, seed_opt, features, target, device)
-
-    variants = {"book (d2l, fp32 NCHW)": run_seed}
+    variants = {"book (d2l, fp32 NCHW)": book_step(images, labels, batch_ids, device)}
     native_bf16 = H.cpu_has_native_bf16()
     ours = [("ours fp32 NCHW", False, False, False, 2), ("ours fp32 channels_last", False, True, False, 2),
             ("ours bf16 channels_last", True, True, False, 2),

@@ -71,13 +71,7 @@ def speed_rows(batches, warmup, compiled):
     images, labels = H.read_detection_folder(H.generate_banana_detection() / "bananas_train")
     ids = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:(warmup + batches) * 32]
     ids = ids.reshape(-1, 32)
-    seed_iter = iter(torch.utils.data.DataLoader(benchmark.SeedBananasDataset(images, labels),
-                                                 batch_sampler=ids.tolist()))
-    torch.manual_seed(0)
-    seed_net = benchmark.SeedTinySSD(num_classes=1)
-    seed_opt = torch.optim.SGD(seed_net.parameters(), lr=0.2, weight_decay=5e-4)
-    variants = {"book (d2l, fp32 NCHW)": lambda batch: benchmark.seed_step(seed_net, seed_opt,
-                                                                           *next(seed_iter), device)}
+    variants = {"book (d2l, fp32 NCHW)": benchmark.book_step(images, labels, ids, device)}
     threads = torch.get_num_threads()
     ours = {"ours (bf16, channels_last)": ({}, threads, False),
             "ours, 1 thread": ({}, 1, False),

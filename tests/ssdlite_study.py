@@ -10,8 +10,8 @@ tests/results/ssdlite_study.csv (per run: seed, budget, steps, minutes, the
 mean loss of the last 20 steps, AP@0.5 and AP@[.5:.95]) and
 tests/results/ssdlite_loss.csv (the loss every 5 steps), which notebook 12
 loads. With notebook 07's 7-minute budget that is 42 minutes. Run it alone:
-the budget is wall-clock time, so a busy machine trains less. `--runs 0x1` (seed 0, one
-budget) or `--seconds 60` prints without writing the files.
+the budget is wall-clock time, so a busy machine trains less. `--runs 0x1`
+(seed 0, one budget) or `--seconds 60` prints without writing the files.
 """
 import argparse
 import pathlib
