@@ -33,11 +33,13 @@ keep freed memory (keep_freed_memory, 12_speed_and_deployment) unless its
 TrainConfig says keep_freed_memory=False.
 """
 
+import concurrent.futures
 import contextlib
 import copy
 import ctypes
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -104,8 +106,8 @@ __all__ = [
     "DetectionData", "read_dataset", "DatasetReport", "validate_dataset", "export_dataset",
     "draw_detections", "detect_folder", "main",
     # 12. Speed and deployment
-    "keep_freed_memory", "fold_batch_norm", "ExportableDetector", "export_onnx", "detect_onnx", "latency_ms",
-    "ssdlite_targets", "train_for_seconds", "detect_torchvision",
+    "keep_freed_memory", "fold_batch_norm", "ExportableDetector", "export_onnx", "detect_onnx", "detection_gaps",
+    "latency_ms", "ssdlite_targets", "train_for_seconds", "detect_torchvision",
     # Appendix: how the synthetic images are drawn
     "banana_sprite", "orange_sprite", "load_backgrounds", "random_background", "render_scene",
     "make_test_scene", "draw_boxes",
@@ -699,6 +701,7 @@ MAX_OUTSIDE = 0.12        # at most 12% of a box may leave the frame per side
 MIN_VISIBLE = 0.4         # drop objects with less than 40% left visible
 MIN_SIDE = 6              # ... or with a visible box side below 6 px
 PNG_COMPRESSION = 1       # fastest zlib level; PNG bytes stay deterministic
+IMAGES_PER_CHUNK = 10     # images a drawing thread takes at a time (about 0.3 s of work)
 
 # Photos inside skimage/data (no network needed), split in two. The datasets
 # are drawn on BACKGROUND_FILES only; every test scene and "new photo" uses
@@ -749,8 +752,7 @@ def generate_small_bananas(root=None, seed=0,
                            num_train=1000, num_val=100, progress=None):
     """Like generate_banana_detection, but the banana boxes are only 15..30 px per side (a harder split); same
     layout, folder names and CSV. Introduced in 06_data."""
-    def scene(rng, photos):
-        return _banana_scene(rng, photos, SMALL_BANANA_BOX)
+    scene = functools.partial(_banana_scene, side_range=SMALL_BANANA_BOX)
     root = DATA_DIR / "banana-detection-small" if root is None else root
     return _generate_detection_dataset(root, "bananas", scene, seed, num_train,
                                       num_val, progress, "small-bananas")
@@ -2946,6 +2948,31 @@ def detect_onnx(session, image, threshold=0.5, size=256, keep_aspect=True, max_s
     return _in_pixels(rows[rows[:, 1] >= threshold], height, width)
 
 
+def detection_gaps(ours, theirs, width, height):
+    """How far apart two sets of detections are: (largest box gap, largest score gap). Introduced in
+    12_speed_and_deployment.
+
+    ours, theirs: (k, 6) rows (class, score, xmin, ymin, xmax, ymax) in the pixels of a width x height image, as
+    detect and detect_onnx return. Rows are paired one to one within their class so that the box gaps are smallest
+    overall (scipy's linear_sum_assignment), since two detectors may order near-equal scores differently. A box gap
+    is a pair's largest coordinate difference as a fraction of the image's side. Raises ValueError if the two do
+    not hold the same number of rows of each class. Where two overlapping anchors score the same to about 1e-6
+    (a flat patch of image, an untrained model), rounding may rank them either way, and NMS then keeps a different
+    one of the pair: compare a trained model on real images.
+    """
+    from scipy.optimize import linear_sum_assignment  # noqa: PLC0415 (only this check needs it)
+
+    if ours.shape != theirs.shape or not torch.equal(ours[:, 0].sort().values, theirs[:, 0].sort().values):
+        raise ValueError(f"not the same detections: classes {ours[:, 0].tolist()} against {theirs[:, 0].tolist()}")
+    if len(ours) == 0:
+        return 0.0, 0.0
+    scale = torch.tensor([width, height, width, height], dtype=ours.dtype)
+    gaps = ((ours[:, None, 2:] - theirs[None, :, 2:]) / scale).abs().amax(-1)  # (k, k)
+    other_class = ours[:, None, 0] != theirs[None, :, 0]
+    rows, cols = linear_sum_assignment((gaps + 1e6 * other_class).numpy())
+    return float(gaps[rows, cols].max()), float((ours[rows, 1] - theirs[cols, 1]).abs().max())
+
+
 def latency_ms(fn, runs=100, warmup=10):
     """Call ``fn()`` warmup + runs times; returns {"p50": ..., "p90": ...} over the timed runs, in milliseconds.
     Introduced in 12_speed_and_deployment."""
@@ -3767,23 +3794,42 @@ def _write_csv(path, rows):
         writer.writerows(rows)
 
 
-def _write_split(folder, tag, seed, count, scene, tick):
+def _write_split(folder, tag, seed, count, scene, tick, workers):
     """Render `count` images into folder/images/N.png plus folder/label.csv.
 
     scene(rng, photos) -> (uint8 image, boxes (n, 5)); the rng of image N
     is _image_rng(seed, tag, N), tag naming dataset and split, such as
-    "bananas:train". tick() is called once per image.
+    "bananas:train". No image depends on another, so `workers` threads
+    draw chunks of IMAGES_PER_CHUNK images at once (numpy and PIL release
+    the GIL for most of the work); the files are the same bytes for any
+    number of workers. tick(n) is called as each chunk of n images is done.
     """
-    photos = load_backgrounds()
     (folder / "images").mkdir(parents=True)
+    chunks = [range(start, min(start + IMAGES_PER_CHUNK, count)) for start in range(0, count, IMAGES_PER_CHUNK)]
+
+    def draw(indices):
+        photos = load_backgrounds()  # each thread its own copies (40 ms)
+        rows = []
+        for index in indices:
+            image, boxes = scene(_image_rng(seed, tag, index), photos)
+            Image.fromarray(image).save(folder / "images" / f"{index}.png", compress_level=PNG_COMPRESSION)
+            rows += _csv_rows(f"{index}.png", boxes)
+        return rows
+
     rows = []
-    for index in range(count):
-        image, boxes = scene(_image_rng(seed, tag, index), photos)
-        Image.fromarray(image).save(folder / "images" / f"{index}.png",
-                                    compress_level=PNG_COMPRESSION)
-        rows += _csv_rows(f"{index}.png", boxes)
-        tick()
+    pool = concurrent.futures.ThreadPoolExecutor(workers)
+    try:
+        for indices, chunk_rows in zip(chunks, pool.map(draw, chunks)):  # in order
+            rows += chunk_rows
+            tick(len(indices))
+    finally:  # on an error or Ctrl-C: start no more chunks, and wait for the running ones
+        pool.shutdown(wait=True, cancel_futures=True)
     _write_csv(folder / "label.csv", rows)
+
+
+def _default_workers():
+    """The cores this process may use: how many threads draw a dataset's images."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _marker_text(params):
@@ -3868,19 +3914,19 @@ def _progress_ticker(progress, total):
     """Turn the `progress` argument into (tick, close) callables.
 
     progress: None/False (silent), True (a tqdm bar) or a callable
-    f(done, total) called after every image.
+    f(done, total) called as images are done. tick(n) counts n more.
     """
     if callable(progress):
         done = [0]
 
-        def tick():
-            done[0] += 1
+        def tick(n):
+            done[0] += n
             progress(done[0], total)
         return tick, lambda: None
     if progress:
         bar = tqdm.auto.tqdm(total=total, desc="generating images")
-        return lambda: bar.update(1), bar.close
-    return lambda: None, lambda: None
+        return bar.update, bar.close
+    return lambda n: None, lambda: None
 
 
 def _build_atomically(root, params, write):
@@ -3914,9 +3960,11 @@ def _build_atomically(root, params, write):
 
 
 def _generate_detection_dataset(root, prefix, scene, seed, num_train, num_val,
-                               progress, kind):
+                               progress, kind, workers=None):
     """Shared body of the generate_* functions: writes root/<prefix>_train
-    and root/<prefix>_val with `scene` (see _write_split); returns root."""
+    and root/<prefix>_val with `scene` (see _write_split); returns root.
+    workers: threads that draw the images (default: one per usable core)."""
+    workers = workers or _default_workers()
     params = dict(kind=kind, version=FORMAT_VERSION, seed=seed,
                   num_train=num_train, num_val=num_val)
 
@@ -3925,7 +3973,7 @@ def _generate_detection_dataset(root, prefix, scene, seed, num_train, num_val,
         try:
             for split, count in (("train", num_train), ("val", num_val)):
                 _write_split(tmp / f"{prefix}_{split}", f"{kind}:{split}",
-                            seed, count, scene, tick)
+                            seed, count, scene, tick, workers)
         finally:
             close()
     return _build_atomically(root, params, write)

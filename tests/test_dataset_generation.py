@@ -97,6 +97,13 @@ def test_same_seed_same_bytes(tmp_path):
     assert all(ha[k] != hc[k] for k in ha if k.endswith(".png"))
 
 
+def test_the_same_bytes_for_any_number_of_drawing_threads(tmp_path):
+    roots = [bd._generate_detection_dataset(tmp_path / f"w{n}", "fruit", bd._fruit_scene, 0, 25, 3, None, "fruit",
+                                            workers=n) for n in (1, 3)]
+    one, three = (file_hashes(root) for root in roots)
+    assert len(one) == 25 + 3 + 2 + 1 and one == three
+
+
 def test_images_do_not_depend_on_order(tmp_path, photos):
     root = bd.generate_banana_detection(tmp_path / "d", seed=3, num_train=6, num_val=2)
     image, boxes = bd._banana_scene(bd._image_rng(3, "bananas:train", 5), photos)
@@ -164,7 +171,7 @@ def test_stale_temporaries_are_removed_only_if_generated(tmp_path):
 
 def test_interrupted_run_leaves_nothing(tmp_path):
     def stop_after_three(done, total):
-        if done == 3:
+        if done >= 3:
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
         bd.generate_banana_detection(tmp_path / "bananas", num_train=6, num_val=2,

@@ -2,69 +2,82 @@
 
 A small untrained TinySSD keeps these fast; the notebook checks the trained model the same way.
 """
+import copy
+
 import numpy as np
+import onnx
 import pytest
 import torch
-from scipy.optimize import linear_sum_assignment
 
 import ssd_helpers as H
 
 ort = pytest.importorskip("onnxruntime")
 
 
-def matched_difference(ours, theirs, width, height):
-    """Pair rows one to one by class and box; returns (largest box gap / image side, largest score gap)."""
-    assert ours.shape == theirs.shape
-    if len(ours) == 0:
-        return 0.0, 0.0
-    scale = torch.tensor([width, height, width, height])
-    gaps = ((ours[:, None, 2:] - theirs[None, :, 2:]) / scale).abs().amax(-1)
-    cost = gaps + 1e6 * (ours[:, None, 0] != theirs[None, :, 0])
-    rows, cols = linear_sum_assignment(cost.numpy())
-    return cost[rows, cols].max().item(), (ours[rows, 1] - theirs[cols, 1]).abs().max().item()
+def write_marked_onnx(path):
+    """A tiny ONNX file that carries export_onnx's marker, as a file export_onnx wrote does."""
+    model = onnx.helper.make_model(onnx.helper.make_graph([], "empty", [], []))
+    onnx.helper.set_model_props(model, {H.ONNX_MARKER: "{}"})
+    path.write_bytes(model.SerializeToString())
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A small untrained one-class TinySSD and its ONNX file, exported once for the tests below."""
+    """A small untrained three-class TinySSD in training mode, exported once (an export takes about 20 s) over a
+    file that carries export_onnx's marker. Returns (net, path, net's state before, the file's bytes before)."""
     H.set_seed(0)
-    net = H.TinySSD(H.default_config(num_classes=1)).eval()
-    return net, H.export_onnx(net, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+    net = H.TinySSD(H.default_config(num_classes=3)).train()
+    with torch.no_grad():  # untrained, every top box has one class and near-equal scores, so NMS meets ties:
+        for head in net.cls_heads:  # larger weights spread the scores, and anchor a favours class a % 3
+            head.weight.mul_(20)  # (output channels 4a .. 4a + 3: anchor a's background, class 0, 1, 2)
+            for a in range(head.bias.shape[0] // 4):
+                head.bias[4 * a + 1 + a % 3] += 3.0
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    path = tmp_path_factory.mktemp("onnx") / "tiny3.onnx"
+    write_marked_onnx(path)
+    old_bytes = path.read_bytes()
+    assert H.export_onnx(net, path) == path
+    return net, path, before, old_bytes
 
 
-def check_against_detect(net, path):
+def test_onnx_detections_match_detect_on_any_image_size(exported):
+    net, path = copy.deepcopy(exported[0]).eval(), exported[1]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     for height, width in [(256, 256), (256, 400), (300, 200), (64, 64)]:
         image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         ours, theirs = H.detect_onnx(session, image, threshold=0.0), H.detect(net, image, threshold=0.0)
-        assert len(theirs) > 0
-        box_gap, score_gap = matched_difference(ours, theirs, width, height)
+        assert len(theirs) > 0 and len(theirs[:, 0].unique()) == 3, "every class, so that NMS per class is tested"
+        box_gap, score_gap = H.detection_gaps(ours, theirs, width, height)
         assert box_gap <= 1e-3 and score_gap <= 1e-4, (height, width, box_gap, score_gap)
 
 
-def test_onnx_detections_match_detect(exported):
-    check_against_detect(*exported)
-
-
-def test_three_classes_match_detect_and_export_replaces_only_its_own_file(tmp_path, exported):
-    """One export (they are slow) serves both: a three-class graph, written over a file export_onnx wrote."""
-    H.set_seed(0)
-    net = H.TinySSD(H.default_config(num_classes=3)).train()
+def test_export_replaces_only_its_own_file_and_leaves_the_model_alone(tmp_path, exported):
+    net, path, before, old_bytes = exported
+    assert path.read_bytes() != old_bytes, "its own file was replaced"
+    assert not list(path.parent.glob(".tiny3.onnx.*")), "no temporary file left behind"
+    assert net.training, "the caller's model stays in training mode"
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     notes = tmp_path / "notes.onnx"
     notes.write_text("my notes")
     with pytest.raises(FileExistsError, match="not written by export_onnx"):
         H.export_onnx(net, notes)
     assert notes.read_text() == "my notes"
-    path = tmp_path / "tiny3.onnx"
-    path.write_bytes(exported[1].read_bytes())  # a file export_onnx wrote
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    H.export_onnx(net, path)  # its own file: replaced
-    assert path.read_bytes() != exported[1].read_bytes(), "other weights, another file"
-    assert not list(tmp_path.glob(".tiny3.onnx.*")), "no temporary file left behind"
-    assert net.training, "the caller's model stays in training mode"
-    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
-    check_against_detect(net.eval(), path)
+
+
+def test_detection_gaps_pairs_rows_within_their_class():
+    ours = torch.tensor([[0, 0.9, 10, 10, 50, 50], [1, 0.8, 12, 12, 52, 52], [0, 0.5, 100, 100, 150, 150]])
+    theirs = ours[[2, 1, 0]].clone()  # another order
+    theirs[0, 2] += 1.0  # one coordinate 1 px off
+    theirs[1, 1] -= 0.01
+    box_gap, score_gap = H.detection_gaps(ours, theirs, width=200, height=100)
+    assert box_gap == pytest.approx(1 / 200) and score_gap == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="not the same detections"):
+        H.detection_gaps(ours, theirs[:2], 200, 100)
+    other = theirs.clone()
+    other[1, 0] = 0  # the same boxes, but a class changed
+    with pytest.raises(ValueError, match="not the same detections"):
+        H.detection_gaps(ours, other, 200, 100)
 
 
 def test_fold_batch_norm_gives_the_same_outputs_and_leaves_the_model_alone():
