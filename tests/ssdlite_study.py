@@ -12,8 +12,14 @@ tests/results/ssdlite_loss.csv (the loss every 5 steps), which notebook 12
 loads. With notebook 07's 7-minute budget that is 42 minutes. Run it alone:
 the budget is wall-clock time, so a busy machine trains less. `--runs 0x1`
 (seed 0, one budget) or `--seconds 60` prints without writing the files.
+
+`--tinyssd` instead trains TinySSD with notebook 07's recipe for three times
+its epochs (H.train_default_model(epochs=60), about as long as SSDlite's 0x3
+run) and writes tests/results/tinyssd_long.csv: SSDlite's 0x3 against TinySSD
+given the same time, not TinySSD's one budget.
 """
 import argparse
+import math
 import pathlib
 
 import torch
@@ -25,6 +31,7 @@ import study_csv
 RESULTS = pathlib.Path(__file__).parent / "results"
 RUNS = ("0x1", "1x1", "2x1", "0x3")  # seed x budgets
 COLUMNS = ["run", "seed", "budget", "steps", "minutes", "final loss", "AP50", "AP"]
+LONG_EPOCHS = 3 * H.TrainConfig.epochs
 
 
 def train_one(seed, seconds, train, val, device):
@@ -40,12 +47,33 @@ def train_one(seed, seconds, train, val, device):
     return row, history["loss"]
 
 
+def train_tinyssd_long(train, val):
+    """TinySSD with notebook 07's recipe (seed 0) for LONG_EPOCHS epochs; one row in COLUMNS."""
+    path = H.DATA_DIR / "tinyssd_bananas_long.pt"  # ours: save_checkpoint replaces only its own files
+    history = H.train_default_model(path, torch.device("cpu"), epochs=LONG_EPOCHS, progress=False)
+    net = H.load_model(path)[0]
+    scores = H.evaluate_map(H.detect_images(net, val[0]), val[1])
+    steps = LONG_EPOCHS * math.ceil(len(train[0]) / H.TrainConfig.batch_size)
+    return {"run": "tinyssd", "seed": H.TrainConfig.seed, "budget": f"{LONG_EPOCHS // H.TrainConfig.epochs}x",
+            "steps": steps, "minutes": f"{sum(history['time']) / 60:.1f}", "final loss": f"{history['loss'][-1]:.2f}",
+            "AP50": f"{scores['AP50']:.3f}", "AP": f"{scores['AP']:.3f}"}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", nargs="*", default=list(RUNS), help="seed x budgets, as in RUNS")
     parser.add_argument("--seconds", type=float, help="budget per seed (default: notebook 07's training time)")
+    parser.add_argument("--tinyssd", action="store_true", help=f"train TinySSD for {LONG_EPOCHS} epochs instead")
     args = parser.parse_args()
     device = torch.device("cpu")
+    if args.tinyssd:
+        root = H.generate_banana_detection()
+        train, val = (H.read_detection_folder(root / f"bananas_{split}") for split in ("train", "val"))
+        row = train_tinyssd_long(train, val)
+        print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS))
+        print("| " + " | ".join(str(row[column]) for column in COLUMNS) + " |")
+        study_csv.write_rows(RESULTS / "tinyssd_long.csv", COLUMNS, [row])
+        return
     seconds = args.seconds
     if seconds is None:
         checkpoint = H.default_checkpoint()
