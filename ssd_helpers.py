@@ -2958,7 +2958,7 @@ def detection_gaps(ours, theirs, width, height):
     is a pair's largest coordinate difference as a fraction of the image's side. Raises ValueError if the two do
     not hold the same number of rows of each class.
 
-    Two runtimes round differently (scores differ by about 1e-7), so where two anchors' scores tie that closely,
+    Two runtimes round differently (scores differ by a few 1e-7), so where two anchors' scores tie that closely,
     either may come first: at the 400th place of the top-k cut, or in NMS between overlapping boxes. The two then
     keep a different box of the pair. Such ties are among low scores (a flat patch of image, an untrained model).
     """
