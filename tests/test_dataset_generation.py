@@ -169,13 +169,19 @@ def test_stale_temporaries_are_removed_only_if_generated(tmp_path):
     assert (foreign / "notes.txt").read_text() == "mine"
 
 
+def test_progress_counts_every_image_once_in_order(tmp_path):
+    calls = []
+    bd._generate_detection_dataset(tmp_path / "b", "bananas", bd._banana_scene, 0, 23, 4,
+                                   lambda done, total: calls.append((done, total)), "bananas", workers=2)
+    assert calls == [(10, 27), (20, 27), (23, 27), (27, 27)]
+
+
 def test_interrupted_run_leaves_nothing(tmp_path):
-    def stop_after_three(done, total):
-        if done >= 3:
-            raise KeyboardInterrupt
+    def stop_after_the_first_chunk(done, total):
+        raise KeyboardInterrupt  # while the other thread is still drawing its chunk
     with pytest.raises(KeyboardInterrupt):
-        bd.generate_banana_detection(tmp_path / "bananas", num_train=6, num_val=2,
-                                     progress=stop_after_three)
+        bd._generate_detection_dataset(tmp_path / "bananas", "bananas", bd._banana_scene, 0, 60, 2,
+                                       stop_after_the_first_chunk, "bananas", workers=2)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -78,6 +78,10 @@ def test_detection_gaps_pairs_rows_within_their_class():
     other[1, 0] = 0  # the same boxes, but a class changed
     with pytest.raises(ValueError, match="not the same detections"):
         H.detection_gaps(ours, other, 200, 100)
+    # each box's nearest match is in the other class: paired by class, the gap is 2.5 px, not 0.5
+    crossed = torch.tensor([[0, 0.9, 10, 10, 50, 50], [1, 0.9, 12, 12, 52, 52]])
+    swapped = torch.tensor([[0, 0.9, 12.5, 12, 52, 52], [1, 0.9, 10.5, 10, 50, 50]])
+    assert H.detection_gaps(crossed, swapped, 200, 200)[0] == pytest.approx(2.5 / 200)
 
 
 def test_fold_batch_norm_gives_the_same_outputs_and_leaves_the_model_alone():
