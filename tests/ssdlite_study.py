@@ -32,6 +32,7 @@ import study_csv
 RESULTS = pathlib.Path(__file__).parent / "results"
 RUNS = ("0x1", "1x1", "2x1", "0x3")  # seed x budgets
 COLUMNS = ["run", "seed", "budget", "steps", "minutes", "final loss", "AP50", "AP"]
+HEADER = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS)  # a Markdown table's first two lines
 LONG_EPOCHS = 3 * H.TrainConfig.epochs
 
 
@@ -60,21 +61,26 @@ def train_tinyssd_long(num_train, val):
             "AP50": f"{scores['AP50']:.3f}", "AP": f"{scores['AP']:.3f}"}
 
 
+def table_line(row):
+    """One row of COLUMNS as a Markdown table line."""
+    return "| " + " | ".join(str(row[column]) for column in COLUMNS) + " |"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", nargs="*", default=list(RUNS), help="seed x budgets, as in RUNS")
     parser.add_argument("--seconds", type=float, help="budget per seed (default: notebook 07's training time)")
     parser.add_argument("--tinyssd", action="store_true", help=f"train TinySSD for {LONG_EPOCHS} epochs instead")
     args = parser.parse_args()
+    if args.tinyssd and (args.seconds is not None or args.runs != list(RUNS)):
+        parser.error("--tinyssd trains for a number of epochs: it takes neither --runs nor --seconds")
     device = torch.device("cpu")
+    root = H.generate_banana_detection()
+    train = H.read_detection_folder(root / "bananas_train")
+    val = H.read_detection_folder(root / "bananas_val")
     if args.tinyssd:
-        if args.seconds is not None or args.runs != list(RUNS):
-            parser.error("--tinyssd trains for a number of epochs: it takes neither --runs nor --seconds")
-        root = H.generate_banana_detection()
-        num_train = len(H.read_detection_folder(root / "bananas_train")[0])
-        row = train_tinyssd_long(num_train, H.read_detection_folder(root / "bananas_val"))
-        print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS))
-        print("| " + " | ".join(str(row[column]) for column in COLUMNS) + " |")
+        row = train_tinyssd_long(len(train[0]), val)
+        print(HEADER + "\n" + table_line(row))
         study_csv.write_rows(RESULTS / "tinyssd_long.csv", COLUMNS, [row])
         return
     seconds = args.seconds
@@ -83,12 +89,9 @@ def main():
         if not checkpoint.exists():
             raise SystemExit(f"{checkpoint} is missing: run notebook 07 first, or pass --seconds")
         seconds = sum(torch.load(checkpoint, weights_only=True)["history"]["time"])
-    root = H.generate_banana_detection()
-    train = H.read_detection_folder(root / "bananas_train")
-    val = H.read_detection_folder(root / "bananas_val")
     print(f"budget {seconds / 60:.1f} min, {torch.get_num_threads()} threads, "
           f"bf16 {H.pick_precision(device)[0]}")
-    print("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS))
+    print(HEADER)
     rows, losses = [], []
     for run in args.runs:
         seed, budgets = (int(part) for part in run.split("x"))
@@ -97,7 +100,7 @@ def main():
         rows.append(row)
         losses += [{"run": run, "step": step, "loss": f"{value:.3f}"}
                    for step, value in enumerate(loss) if step % 5 == 0]
-        print("| " + " | ".join(str(row[column]) for column in COLUMNS) + " |", flush=True)
+        print(table_line(row), flush=True)
     if args.runs == list(RUNS) and args.seconds is None:
         study_csv.write_rows(RESULTS / "ssdlite_study.csv", COLUMNS, rows)
         study_csv.write_rows(RESULTS / "ssdlite_loss.csv", ["run", "step", "loss"], losses)
