@@ -44,11 +44,13 @@ import hashlib
 import io
 import json
 import math
+import numbers
 import os
 import pathlib
 import random
 import re
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -119,6 +121,46 @@ __all__ = [
 # 0. Set-up: config, device, seed, fast mode (every notebook)
 # ---------------------------------------------------------------------------
 
+MAX_CLASS_ID = 2**24  # larger class ids cannot be stored exactly in the float32 labels
+
+
+class ConfigError(ValueError):
+    """A setting out of range (a config field or an argument); the message names it and what it may be.
+    Introduced in 05_model."""
+
+
+def _is_number(value, low=-math.inf, high=math.inf, integer=False):
+    """True if ``value`` is a finite number in [low, high] (an integer if asked). Bools are not numbers."""
+    kind = numbers.Integral if integer else numbers.Real
+    return (isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+            and low <= value <= high)
+
+
+def _check_fields(owner, values, rules):
+    """Raise ConfigError for the first value that breaks its rule; rules: {name: (test, what it may be)}."""
+    for name, (test, allowed) in rules.items():
+        value = values[name]
+        try:
+            good = bool(test(value))
+        except (TypeError, ValueError):  # a value of the wrong kind, e.g. a string where a list belongs
+            good = False
+        if not good:
+            raise ConfigError(f"{owner}.{name} must be {allowed}, got {value!r}")
+
+
+def _numbers(values, low=-math.inf, low_open=False):
+    """True if ``values`` is a non-empty sequence of finite numbers above low (or at it, unless low_open)."""
+    return (isinstance(values, (list, tuple)) and len(values) > 0
+            and all(_is_number(v, low) and not (low_open and v == low) for v in values))
+
+
+def _class_names_ok(names, num_classes):
+    """None, or num_classes distinct, non-empty strings."""
+    return names is None or (isinstance(names, (list, tuple)) and len(names) == num_classes
+                             and all(isinstance(n, str) and n.strip() for n in names)
+                             and len(set(names)) == len(names))
+
+
 @dataclasses.dataclass(frozen=True)
 class SSDConfig:
     """Everything that shapes a TinySSD. Introduced in 05_model.
@@ -127,6 +169,7 @@ class SSDConfig:
     side) and aspect ratios (w/h) of scale ``i``; there is one entry per block.
     A trained model's config is saved with its weights, so it can be rebuilt.
     Each pixel of scale ``i`` gets ``len(sizes[i]) + len(ratios[i]) - 1`` anchors.
+    A value out of range raises ConfigError when the config is built.
     """
     num_classes: int = 1
     sizes: tuple = ((0.2, 0.272), (0.37, 0.447), (0.54, 0.619),
@@ -141,6 +184,22 @@ class SSDConfig:
     # 2: the first convolution has stride 2 and the first block no pool (down_sample_blk): the same
     # feature-map sizes from block 1 on, less work (default_config's; 12_speed_and_deployment). 1 is the book's.
     first_stride: int = 1
+
+    def __post_init__(self):
+        n = self.num_classes
+        _check_fields("SSDConfig", vars(self), {
+            "num_classes": (lambda v: _is_number(v, 1, MAX_CLASS_ID, integer=True),
+                            f"an integer 1..{MAX_CLASS_ID}"),
+            "sizes": (lambda v: all(_numbers(s, 0, low_open=True) for s in v) and len(v) > 0,
+                      "one sequence of anchor sizes > 0 per block"),
+            "ratios": (lambda v: all(_numbers(r, 0, low_open=True) for r in v) and len(v) > 0,
+                       "one sequence of aspect ratios > 0 per block"),
+            "pixel_mean": (lambda v: v is None or (_numbers(v) and len(v) == 3), "None or 3 finite numbers"),
+            "pixel_std": (lambda v: v is None or (_numbers(v, 0, low_open=True) and len(v) == 3),
+                          "None or 3 numbers > 0"),
+            "class_names": (lambda v: _class_names_ok(v, n), f"None or {n} distinct, non-empty strings"),
+            "first_stride": (lambda v: v in (1, 2) and not isinstance(v, bool), "1 (the book's) or 2"),
+        })
 
     @property
     def num_anchors(self):
@@ -174,25 +233,24 @@ def set_seed(seed=0):
     torch.manual_seed(seed)
 
 
-SCRATCH_MARKER = ".made-by-tinyssd"  # marks a scratch folder a notebook made and may empty again
-
-
 def scratch_folder(path, remove=False):
     """An empty folder a notebook may fill and later delete; returns its Path. Introduced in 06_data.
 
-    The folder gets a marker file. An existing folder is emptied only if it has
-    the marker; a folder without it is the user's, and FileExistsError leaves
-    it alone. ``remove=True`` deletes the folder (marker required) instead.
+    The folder's manifest (MANIFEST_FILE) records that the series made it for a notebook's scratch work,
+    so all of it is the notebook's: keep nothing of yours there. An existing folder is emptied only if it
+    has that record; a folder without it is the user's, and FileExistsError leaves it alone.
+    ``remove=True`` deletes the folder (record required) instead.
     """
     path = pathlib.Path(path)
-    if path.exists():
-        if not (path / SCRATCH_MARKER).is_file():
+    if path.exists() or path.is_symlink():
+        manifest = _read_manifest(path)
+        if manifest is None or manifest.get("kind") != "scratch":
             raise FileExistsError(f"{path} exists and was not made by scratch_folder; nothing was deleted. "
                                   "Move it away or choose another folder.")
         shutil.rmtree(path)
     if not remove:
         path.mkdir(parents=True)
-        (path / SCRATCH_MARKER).write_text("a scratch folder of the TinySSD notebooks\n")
+        _write_manifest(path, "scratch", files=None)
     return path
 
 
@@ -617,17 +675,14 @@ def blk_forward(X, blk, sizes, ratios, cls_predictor, bbox_predictor):
 
 
 def _check_ssd_config(cfg):
-    """Raise ValueError for an SSDConfig TinySSD cannot be built from; returns cfg."""
+    """Raise ConfigError for an SSDConfig TinySSD cannot be built from (its fields are checked when built).
+    Returns cfg."""
     if not len(cfg.sizes) == len(cfg.ratios) == 5:
-        raise ValueError("TinySSD has 5 blocks: give 5 entries of sizes and of ratios")
+        raise ConfigError("TinySSD has 5 blocks: give 5 entries of sizes and of ratios")
     if len({len(s) + len(r) for s, r in zip(cfg.sizes, cfg.ratios)}) != 1:
-        raise ValueError("every scale must have the same number of anchors per pixel")
-    if cfg.class_names is not None and len(cfg.class_names) != cfg.num_classes:
-        raise ValueError(f"{len(cfg.class_names)} class_names for num_classes={cfg.num_classes}")
+        raise ConfigError("every scale must have the same number of anchors per pixel")
     if (cfg.pixel_mean is None) != (cfg.pixel_std is None):
-        raise ValueError("give both pixel_mean and pixel_std, or neither")
-    if cfg.first_stride not in (1, 2):
-        raise ValueError(f"first_stride must be 1 (the book's) or 2, not {cfg.first_stride!r}")
+        raise ConfigError("give both pixel_mean and pixel_std, or neither")
     return cfg
 
 
@@ -689,7 +744,6 @@ DATA_DIR = pathlib.Path(__file__).resolve().parent / "data"  # git-ignored cache
 BANANA, ORANGE = 0, 1
 ALPHA_THRESHOLD = 0.5
 CSV_HEADER = ("img_name", "label", "xmin", "ymin", "xmax", "ymax")
-MARKER_FILE = "COMPLETE.txt"
 FORMAT_VERSION = 1
 SUPERSAMPLE = 3           # sprites are drawn at 3x3 samples per pixel
 BANANA_BOX = (34, 73)     # box sides (px) of d2l's real banana labels
@@ -787,7 +841,6 @@ class DatasetError(ValueError):
 
 
 EXIF_ORIENTATION = 0x0112  # the EXIF tag that tells a viewer to rotate or mirror a photo
-MAX_CLASS_ID = 2**24       # larger ids cannot be stored exactly in the float32 labels
 
 
 def _pil_pixels(image, where):
@@ -967,42 +1020,104 @@ def check_images(images, where="images", ids=None):
                            ".to(torch.uint8)")
 
 
+def _numbers_text(values):
+    """[10, 20.5, 30, 40] as a user wrote them, without float noise."""
+    return "[" + ", ".join(f"{v:g}" if isinstance(v, (int, float)) else repr(v) for v in values) + "]"
+
+
+def label_problems(label, box, size=None, classes=None, normalised=False, written=None, earlier=()):
+    """Every problem of one labelled box, as (problem, what to do) pairs; [] if it is valid.
+
+    Introduced in 06_data. The one rule set at the boundary: the d2l, VOC, COCO
+    and CSV readers, validate_dataset and check_labels (so train_ssd) all call it.
+    Readers raise at the first problem; validate_dataset lists them all.
+    label: a class id (a number) or a class name (str); None or "" if the box has none.
+    box: (xmin, ymin, xmax, ymax) in pixels with an exclusive max, or in 0..1 with
+    normalised=True. size: (width, height) of the image in pixels, None if unknown.
+    classes: None, the number of classes, or the class names in id order.
+    written: the numbers as the file holds them, shown in messages (default: box).
+    earlier: (class, box) pairs already read for the same image; a repeat is a problem.
+    """
+    found = _class_problems(label, classes)
+    shown = _numbers_text(box if written is None else written)
+    if not all(math.isfinite(v) for v in box):
+        return found + [(f"box {shown} is not finite", "write four finite numbers")]
+    xmin, ymin, xmax, ymax = box
+    if normalised and (min(box) < -1e-3 or max(box) > 1 + 1e-3):
+        fix = ("they look like pixels: divide x by the image width and y by its height (read_detection_folder "
+               "does)" if max(box) > 1 + 1e-3 else "clip the box to the image")
+        return found + [(f"box {shown} is not normalised to 0..1", fix)]
+    if not normalised and all(0 <= v <= 1 for v in (written or box)) and (size is None or max(size) > 2):
+        width, height = size or ("W", "H")
+        return found + [(f"box {shown} looks normalised (0..1), but pixels are expected",
+                         f"multiply x by the image width ({width}) and y by its height ({height})")]
+    if xmax <= xmin or ymax <= ymin:
+        return found + [(f"box {shown} is empty or inverted", "need xmax > xmin and ymax > ymin")]
+    if not normalised and (xmax - xmin < 1 or ymax - ymin < 1):
+        found.append((f"box {shown} is less than one pixel wide or high", "fix or remove it"))
+    if size is not None and not normalised and (xmin < 0 or ymin < 0 or xmax > size[0] or ymax > size[1]):
+        read = "" if written is None or list(written) == list(box) else \
+            f" (read as {_numbers_text(box)} in 0-based pixels with an exclusive max)"
+        found.append((f"box {shown}{read} lies outside the {size[0]}x{size[1]} image",
+                      "clip it to the image or fix it"))
+    if any(other == (label, list(box)) for other in earlier):
+        found.append((f"duplicate box {shown}: the same class and box twice in this image",
+                      "remove one of the two"))
+    return found
+
+
+def _class_problems(label, classes):
+    """The problems of a class label (see label_problems)."""
+    if label is None or (isinstance(label, str) and not label.strip()):
+        return [("the box has no class", "write its class")]
+    if isinstance(label, str):
+        if isinstance(classes, (list, tuple)) and label not in classes:
+            return [(f"unknown class name {label!r} (known: {', '.join(map(str, classes))})",
+                     "fix the name, or list every class in class_names")]
+        return []
+    if not math.isfinite(label) or label < 0 or label != int(label) or label >= MAX_CLASS_ID:
+        return [(f"class id {label:g} is not an integer >= 0 (and below {MAX_CLASS_ID})",
+                 "fix the class id")]
+    count = len(classes) if isinstance(classes, (list, tuple)) else classes
+    if count is not None and label >= count:
+        return [(f"class id {int(label)} is out of range for {count} classes (ids 0..{count - 1})",
+                 "fix the label, or use a model with more classes (TinySSD(num_classes=...))")]
+    return []
+
+
 def check_labels(labels, num_classes=None, where="labels", ids=None):
     """Raise DatasetError unless labels (N, G, 5) are valid, normalised SSD labels. Introduced in 06_data.
 
     Each row is (class, xmin, ymin, xmax, ymax): class an integer in
     0..num_classes-1 (-1: a padding row, ignored), coordinates finite and
-    normalised to 0..1, with xmax > xmin and ymax > ymin. ``ids`` as in check_images.
+    normalised to 0..1, with xmax > xmin and ymax > ymin: label_problems'
+    rules for normalised boxes. ``ids`` names the N images (default 0..N-1).
     """
     if labels.ndim != 3 or labels.shape[-1] != 5:
         raise DatasetError(f"{where}: expected labels (N, G, 5) of rows (class, xmin, ymin, xmax, ymax), "
                            f"got shape {tuple(labels.shape)}")
-    labels = labels.detach().cpu().float()
-    classes, boxes = labels[..., 0], labels[..., 1:]
-    real = classes != -1
-    _first_bad(~torch.isfinite(labels).all(dim=-1), "label is not finite", labels, where, ids,
-               "Fix or remove that row.")
-    _first_bad(real & ((classes < 0) | (classes != classes.round())), "class id must be an integer >= 0 "
-               "(-1 marks padding)", labels, where, ids, "Fix the class id.")
-    if num_classes is not None:
-        _first_bad(real & (classes >= num_classes), f"class id is too large for a model with "
-                   f"num_classes={num_classes} (ids 0..{num_classes - 1})", labels, where, ids,
-                   "Build the model with enough classes (TinySSD(num_classes=...)) or fix the label.")
-    outside = real & ((boxes < -1e-3) | (boxes > 1 + 1e-3)).any(dim=-1)
-    pixels = bool(real.any()) and boxes[real].max() > 1 + 1e-3
-    advice = ("These look like pixels: divide x by the image width and y by its height "
-              "(read_detection_folder does)." if pixels else "Clip the box to the image.")
-    _first_bad(outside, "coordinates must be normalised to 0..1", labels, where, ids, advice)
-    _first_bad(real & ((boxes[..., 2] <= boxes[..., 0]) | (boxes[..., 3] <= boxes[..., 1])),
-               "box is empty or inverted (need xmax > xmin and ymax > ymin)", labels, where, ids,
-               "Fix the corners or remove the row.")
+    rows = labels.detach().cpu().double()
+    real = (rows[..., 0] != -1).nonzero().tolist()  # [(image, row)]; class -1 rows are padding
+    values = rows.tolist()
+    bad = [(i, j, label_problems(values[i][j][0], values[i][j][1:], classes=num_classes, normalised=True))
+           for i, j in real]
+    bad = [(i, j, problems) for i, j, problems in bad if problems]
+    if bad:
+        i, j, problems = bad[0]
+        more = f" ({len(bad) - 1} more rows like it)" if len(bad) > 1 else ""
+        problem, fix = problems[0]
+        raise DatasetError(f"{where} image {ids[i] if ids is not None else i}, row {j}: {problem}{more}: "
+                           f"{_numbers_text(rows[i, j].tolist())}. {fix[0].upper() + fix[1:]}.")
 
 
 # 6c. Reading d2l's on-disk format back, with clear errors
 
 def _csv_text(csv_path):
-    """The text of a CSV file: UTF-8, with or without the BOM Excel writes; else DatasetError."""
-    raw = csv_path.read_bytes()
+    """The text of a CSV (or other text) file: UTF-8, with or without the BOM Excel writes; else DatasetError."""
+    try:
+        raw = pathlib.Path(csv_path).read_bytes()
+    except OSError as error:
+        raise DatasetError(f"{csv_path}: cannot read it ({error.strerror or error})") from None
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise DatasetError(f"{csv_path} is UTF-16 text (Excel's 'Unicode Text'): save it as 'CSV UTF-8'")
     try:
@@ -1013,63 +1128,76 @@ def _csv_text(csv_path):
                            "Latin-1 or Windows-1252). Save it as UTF-8 (in Excel: 'CSV UTF-8')") from None
 
 
-def _read_label_csv(csv_path):
-    """Rows of a label.csv as (row number, img_name, label or None, box or None).
+def _csv_table(csv_path, header):
+    """The rows of a CSV file that must start with ``header``: [(row number, [fields, stripped])].
 
-    Row numbers count the header as row 1, as a spreadsheet does. A row with
-    the five fields after img_name all empty is an image without objects.
+    Row numbers are the file's line numbers, the header being row 1, as a
+    spreadsheet counts them. Blank rows are skipped. A wrong header, a stray
+    quote or a NUL byte raises DatasetError naming the file and the row.
     """
     reader = csv.reader(io.StringIO(_csv_text(csv_path), newline=""))
+    rows, start = [], 1
     try:
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header] != list(CSV_HEADER):
-            hint = next((f" (the file seems to separate fields with {sep!r}: use ',')"
-                         for sep in (";", "\t") if header and len(header) == 1 and sep in header[0]), "")
-            raise DatasetError(f"{csv_path}: header must be {','.join(CSV_HEADER)}, got {header}{hint}")
-        rows = []
-        for row_number, row in enumerate(reader, start=2):
-            if row:
-                rows.append((row_number, *_parse_label_row(csv_path, row_number, row)))
+        first = next(reader, None)
+        if first is None or [field.strip() for field in first] != list(header):
+            hint = next((f" (the file seems to separate fields with {sep!r}: use ',')" for sep in (";", "\t")
+                         if first and len(first) == 1 and sep in first[0]), "")
+            raise DatasetError(f"{csv_path}: the header (row 1) must be {','.join(header)}, got "
+                               f"{','.join(first) if first else 'an empty file'}{hint}")
+        start = reader.line_num + 1
+        for fields in reader:
+            if any("\n" in field or "\r" in field for field in fields):
+                raise csv.Error("a quoted field runs over several lines")
+            if any(field.strip() for field in fields):
+                rows.append((start, [field.strip() for field in fields]))
+            start = reader.line_num + 1
     except csv.Error as error:
-        raise DatasetError(f"{csv_path} row {reader.line_num}: {error}") from None
+        raise DatasetError(f"{csv_path} row {start}: {_csv_error_text(error)}") from None
     return rows
 
 
-def _parse_label_row(csv_path, row_number, row):
-    """(img_name, label or None, box or None) of one CSV row; DatasetError names the row."""
-    if len(row) != len(CSV_HEADER):
-        raise DatasetError(f"{csv_path} row {row_number}: expected {len(CSV_HEADER)} "
-                           f"columns, got {len(row)}: {row}")
-    name, fields = row[0].strip(), [field.strip() for field in row[1:]]
-    if all(field == "" for field in fields):
-        return name, None, None
+def _csv_error_text(error):
+    """What a csv.Error means for a user, and what to do."""
+    text = str(error)
+    if "field limit" in text or "several lines" in text or "EOF" in text:
+        return ('a field there starts with a double quote (") that is not closed on its row, so the rows after '
+                'it read as part of one field. Remove the stray quote, or put the whole field in quotes and '
+                'write each quote inside it as ""')
+    if "NUL" in text:
+        return "it holds a NUL byte, so it is not CSV text. Save it as 'CSV UTF-8'"
+    return f"not valid CSV ({text})"
+
+
+def _number_fields(fields):
+    """Floats from strings, or None if any is not a number ("", "abc", "640px")."""
     try:
-        values = [float(field) for field in fields]
-    except ValueError:
-        raise DatasetError(f"{csv_path} row {row_number}: label and box must be numbers, "
-                           f"got {fields}") from None
-    return name, values[0], values[1:]
+        return [float(field) for field in fields]
+    except (TypeError, ValueError):
+        return None
 
 
-def _check_label(csv_path, row_number, label, box, width, height, num_classes=None):
-    """Raise DatasetError unless the class id is known and the box is a real box, in pixels, in the image."""
-    where = f"{csv_path} row {row_number}"
-    if not all(math.isfinite(v) for v in [label, *box]):
-        raise DatasetError(f"{where}: label and box must be finite, got {[label, *box]}")
-    if label < 0 or label != int(label) or label >= MAX_CLASS_ID:
-        raise DatasetError(f"{where}: class id must be an integer >= 0 (and below {MAX_CLASS_ID}), got {label:g}")
-    if num_classes is not None and label >= num_classes:
-        raise DatasetError(f"{where}: class id {int(label)} is out of range for {num_classes} classes "
-                           f"(ids 0..{num_classes - 1}): fix the label, or use a model with more classes")
-    xmin, ymin, xmax, ymax = box
-    if xmax <= xmin or ymax <= ymin:
-        raise DatasetError(f"{where}: degenerate box (need xmax > xmin and ymax > ymin): {box}")
-    if xmax - xmin < 1 or ymax - ymin < 1:
-        units = (f"its coordinates look normalised (0..1), but label.csv holds pixels: multiply x by the image "
-                 f"width ({width}) and y by its height ({height})" if max(box) <= 1 else "fix or remove it")
-        raise DatasetError(f"{where}: box {box} is less than one pixel wide or high; {units}")
-    if xmin < 0 or ymin < 0 or xmax > width or ymax > height:
-        raise DatasetError(f"{where}: box {box} lies outside the {width}x{height} image")
+def _read_label_csv(csv_path):
+    """Rows of a label.csv as (row number, img_name, label or None, box or None).
+
+    A row with the five fields after img_name all empty is an image without
+    objects; a box without a class gets the label None (label_problems refuses it).
+    """
+    rows = []
+    for row_number, fields in _csv_table(csv_path, CSV_HEADER):
+        where = f"{csv_path} row {row_number}"
+        if len(fields) != len(CSV_HEADER):
+            raise DatasetError(f"{where}: expected {len(CSV_HEADER)} columns ({','.join(CSV_HEADER)}), "
+                               f"got {len(fields)}: {fields}")
+        name, label, box = fields[0], fields[1], _number_fields(fields[2:])
+        if not name:
+            raise DatasetError(f"{where}: the image name (img_name) is empty")
+        if all(field == "" for field in fields[1:]):
+            rows.append((row_number, name, None, None))
+            continue
+        if box is None or (label and _number_fields([label]) is None):
+            raise DatasetError(f"{where}: label and box must be numbers, got {fields[1:]}")
+        rows.append((row_number, name, _number_fields([label])[0] if label else None, box))
+    return rows
 
 
 def read_detection_folder(folder, num_classes=None):
@@ -1079,19 +1207,24 @@ def read_detection_folder(folder, num_classes=None):
     (N, 3, H, W); labels float32 (N, max_objects, 5) rows (class, xmin, ymin,
     xmax, ymax) with coordinates divided by the image width and height (0..1),
     padded with rows of -1. ``num_classes``: refuse class ids the model does
-    not have. Bad input raises DatasetError naming file and row.
+    not have. Every box passes label_problems; the first problem raises
+    DatasetError naming the file and row. Image names are matched as paths
+    (``a.png`` and ``./a.png`` are one image).
     """
     folder = pathlib.Path(folder)
     csv_path = folder / "label.csv"
     if not csv_path.is_file():
         raise DatasetError(f"{csv_path} is missing")
-    objects = {}  # img_name -> list of label rows, in file order
-    first_row = {}
+    objects, first_row = {}, {}  # image path -> label rows in file order; -> its first row
     for row_number, name, label, box in _read_label_csv(csv_path):
-        first_row.setdefault(name, row_number)
-        objects.setdefault(name, [])
-        if label is not None:
-            objects[name].append((row_number, label, box))
+        key = _image_key(name)
+        if key.casefold() in {other.casefold() for other in first_row if other != key}:
+            raise DatasetError(f"{csv_path} row {row_number}: image {name} differs from another image name "
+                               "only in case; on Windows and macOS they are one file. Rename one.")
+        first_row.setdefault(key, row_number)
+        objects.setdefault(key, [])
+        if label is not None or box is not None:
+            objects[key].append((row_number, label, box))
     images, labels = [], []
     for name, rows in objects.items():
         image = open_image(folder / "images" / name, f"{csv_path} row {first_row[name]}", exif="refuse")
@@ -1099,8 +1232,11 @@ def read_detection_folder(folder, num_classes=None):
             raise DatasetError(f"{csv_path} row {first_row[name]}: image {name} is "
                                f"{tuple(image.shape)}, the first was {tuple(images[0].shape)}")
         height, width = image.shape[1:]
-        for row_number, label, box in rows:
-            _check_label(csv_path, row_number, label, box, width, height, num_classes)
+        for k, (row_number, label, box) in enumerate(rows):
+            earlier = [(other[1], list(other[2])) for other in rows[:k]]
+            problems = label_problems(label, box, (width, height), num_classes, earlier=earlier)
+            if problems:
+                raise DatasetError(f"{csv_path} row {row_number}: {problems[0][0]}; {problems[0][1]}")
         scale = torch.tensor([1.0, width, height, width, height])
         labels.append(torch.tensor([[label, *box] for _, label, box in rows]).reshape(-1, 5) / scale)
         images.append(image)
@@ -1111,6 +1247,11 @@ def read_detection_folder(folder, num_classes=None):
     for i, lab in enumerate(labels):
         padded[i, :len(lab)] = lab
     return torch.stack(images), padded
+
+
+def _image_key(name):
+    """An image's name as a normalised relative path, so that ``a.png`` and ``./a.png`` match."""
+    return os.path.normpath(name) if name else name
 
 
 class DetectionDataset(torch.utils.data.Dataset):
@@ -1162,7 +1303,8 @@ class TrainConfig:
     """Hyper-parameters of ``train_ssd``. Introduced in 07_training.
 
     The defaults are the recipe measured best here (notebook 07 shows the
-    evidence); ``TrainConfig.book_recipe()`` is the book's.
+    evidence); ``TrainConfig.book_recipe()`` is the book's. A value out of
+    range (NaN, a batch of 0, an unknown option) raises ConfigError at once.
     """
     epochs: int = 20
     batch_size: int = 32
@@ -1185,6 +1327,34 @@ class TrainConfig:
     channels_last: str = "auto"   # "auto" (on a CPU, and with bf16), "on", "off"
     keep_freed_memory: bool = True  # glibc keeps freed memory (keep_freed_memory(); 12_speed_and_deployment)
     seed: int = 0
+
+    def __post_init__(self):
+        def number(low, high=math.inf, integer=False):
+            return lambda v: _is_number(v, low, high, integer)
+
+        def one_of(*options):
+            return lambda v: isinstance(v, str) and v in options, " or ".join(map(repr, options))
+        flag = (lambda v: isinstance(v, bool), "True or False")
+        _check_fields("TrainConfig", vars(self), {
+            "epochs": (number(1, integer=True), "an integer >= 1"),
+            "batch_size": (number(1, integer=True), "an integer >= 1"),
+            "lr": (lambda v: _is_number(v, 0) and v > 0, "a finite number > 0"),
+            "momentum": (lambda v: _is_number(v, 0, 1) and v < 1, "a number in 0..1, below 1"),
+            "weight_decay": (number(0), "a finite number >= 0"),
+            "warmup_epochs": (number(0), "a finite number >= 0"),
+            "schedule": one_of("cosine", "constant"),
+            "neg_ratio": (number(0), "a finite number >= 0 (0: every anchor)"),
+            "bbox_weight": (number(0), "a finite number >= 0"),
+            "loss_norm": one_of("positives", "anchors"),
+            "box_loss": one_of("l1", "smooth_l1"),
+            "cls_loss": one_of("ce", "focal"),
+            "focal_gamma": (number(0), "a finite number >= 0"),
+            "focal_alpha": (lambda v: v is None or _is_number(v, 0, 1), "None or a number in 0..1"),
+            "hflip": flag, "augment": flag, "keep_freed_memory": flag,
+            "bf16": one_of("auto", "on", "off"),
+            "channels_last": one_of("auto", "on", "off"),
+            "seed": (number(0, 2**63 - 1, integer=True), "an integer >= 0"),
+        })
 
     @classmethod
     def book_recipe(cls, **overrides):
@@ -1347,19 +1517,24 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and what to do. Introduced in 08_prediction."""
 
 
+CHECKPOINT_MARKER = "tinyssd-checkpoint"  # save_checkpoint's mark; it replaces only files that carry it
+
+
 def save_checkpoint(path, net, **extra):
     """Save weights and config atomically (temporary file, then rename). Introduced in 07_training.
 
     Readable with ``torch.load(path, weights_only=True)``; see ``load_model``.
-    An existing file is replaced only if it is a TinySSD checkpoint itself;
-    weights with NaN or inf are refused.
+    The file carries CHECKPOINT_MARKER under "made_by", and an existing file is
+    replaced only if it carries it too: any other file raises FileExistsError.
+    Weights with NaN or inf are refused.
     """
     path = pathlib.Path(path)
-    if path.exists() and not _is_checkpoint(path):
-        raise FileExistsError(f"{path} exists and is not a TinySSD checkpoint; nothing was written. "
-                              "Save the model under another name.")
-    state = {"state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-             "config": dataclasses.asdict(net.config), **extra}
+    if (path.exists() or path.is_symlink()) and not _is_checkpoint(path):
+        raise FileExistsError(f"{path} exists and was not written by save_checkpoint; nothing was written. "
+                              "Save the model under another name, or move that file away first.")
+    state = {**extra, "made_by": CHECKPOINT_MARKER,
+             "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+             "config": dataclasses.asdict(net.config)}
     bad = non_finite_tensors(state["state_dict"])
     if bad:
         raise CheckpointError(f"not saving {path}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]})")
@@ -1415,7 +1590,7 @@ def train_step(net, optimizer, images, labels, config, device, use_bf16=False, u
         losses.mean().backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), math.inf)  # measures, clips nothing
         if torch.isfinite(grad_norm):
-            optimizer.step()
+            problem = _step_or_undo(net, optimizer)
         else:
             problem = f"the gradient is {grad_norm.item()} although the loss is finite"
     if problem is not None:
@@ -1424,13 +1599,33 @@ def train_step(net, optimizer, images, labels, config, device, use_bf16=False, u
     return losses.mean().item(), batch_metrics(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks)
 
 
+@torch.no_grad()
+def _step_or_undo(net, optimizer):
+    """optimizer.step(); if it leaves a weight NaN or inf, put weights and optimizer state back and say why."""
+    weights = [p.detach().clone() for p in net.parameters()]
+    state = copy.deepcopy(optimizer.state_dict())  # e.g. momentum buffers
+    optimizer.step()
+    bad = non_finite_tensors(dict(net.named_parameters()))
+    if not bad:
+        return None
+    for p, w in zip(net.parameters(), weights):
+        p.copy_(w)
+    optimizer.load_state_dict(state)
+    settings = {key: optimizer.param_groups[0].get(key) for key in ("lr", "momentum", "weight_decay")}
+    return (f"one SGD step made {bad[0]} NaN or inf although the loss and the gradients were finite: the "
+            f"step's size comes from the optimiser's settings {settings}, so lower the learning rate "
+            "(config.lr), or the momentum")
+
+
 def _non_finite_loss(losses, ids):
     """None if every per-image loss (B,) is finite, else a sentence naming the images."""
     bad = (~torch.isfinite(losses.detach())).nonzero()[:, 0].tolist()
     if not bad:
         return None
     names = [int(ids[i]) if ids is not None else i for i in bad]
-    return f"the loss is {losses[bad[0]].item()} for image(s) {names[:10]}{' ...' if len(bad) > 10 else ''}"
+    return (f"the loss is {losses[bad[0]].item()} for image(s) {names[:10]}{' ...' if len(bad) > 10 else ''}. "
+            "Their pixels and labels passed the checks, so the model's outputs overflowed: the learning "
+            "rate is likely too high for this loss; lower config.lr")
 
 
 def _epoch_summary(sums, num_examples, elapsed, lr):
@@ -1528,10 +1723,9 @@ def _train_epoch(net, optimizer, train_data, config, device, epoch, generator, t
         try:
             loss, counts = train_step(net, optimizer, X, Y, config, device, *precision, ids=idx)
         except FloatingPointError as error:
-            raise FloatingPointError(
-                f"epoch {epoch + 1}, batch {batch + 1} (lr {lr:.3g}): {error} (indices into train_data). "
-                "The model is left as it was before this batch. The images and labels passed the checks, "
-                "so the likely cause is a learning rate too high for this loss: lower config.lr.") from None
+            raise FloatingPointError(f"epoch {epoch + 1}, batch {batch + 1} (lr {lr:.3g}): {error}. Image "
+                                     "numbers are indices into train_data. The model is left as it was "
+                                     "before this batch.") from None
         for key, value in counts.items():
             sums[key] += value
         sums["loss"] += loss * len(X)
@@ -1673,10 +1867,12 @@ def _read_checkpoint(path):
 
 
 def _is_checkpoint(path):
-    """True if ``path`` reads as a TinySSD checkpoint (what save_checkpoint may replace)."""
+    """True if ``path`` is a file save_checkpoint wrote (it carries CHECKPOINT_MARKER): one it may replace."""
+    path = pathlib.Path(path)
+    if path.is_symlink():
+        return False
     try:
-        _read_checkpoint(pathlib.Path(path))
-        return True
+        return _read_checkpoint(path).get("made_by") == CHECKPOINT_MARKER
     except (CheckpointError, FileNotFoundError, OSError):
         return False
 
@@ -2273,7 +2469,7 @@ CSV_DATASET_HEADER = ("image", "class", "xmin", "ymin", "xmax", "ymax")
 
 @dataclasses.dataclass
 class _Object:
-    name: str
+    name: str | None  # the class name; None if the file gives the box none
     box: list        # (xmin, ymin, xmax, ymax) in pixels, exclusive max
     written: list    # the four numbers as the file has them
     difficult: bool
@@ -2312,122 +2508,202 @@ def _problem(file, where, problem, fix, image=""):
     return {"file": str(file), "where": where, "image": str(image), "problem": problem, "fix": fix}
 
 
-def _number_list(values, where, problems, file):
-    """Four floats from strings, or None after recording a problem."""
-    try:
-        numbers = [float(v) for v in values]
-    except (TypeError, ValueError):
-        problems.append(_problem(file, where, f"box values are not numbers: {values}", "write four numbers"))
-        return None
-    return numbers
-
-
 def _voc_records(root, split):
     """Records of a Pascal VOC folder: Annotations/*.xml, JPEGImages/, ImageSets/Main/<split>.txt."""
     list_file = root / "ImageSets" / "Main" / f"{split}.txt"
     if not list_file.is_file():
         raise DatasetError(f"{list_file} is missing: a VOC folder lists the image ids of each split there")
-    records, problems = [], []
+    records, problems, seen = [], [], {}
     for line_number, line in enumerate(_csv_text(list_file).splitlines(), start=1):
         if not line.strip():
             continue
-        image_id = line.split()[0]
+        image_id, where = line.split()[0], f"line {line_number}"
+        if image_id in seen:
+            problems.append(_problem(list_file, where, f"id {image_id} is listed twice (first on line "
+                                     f"{seen[image_id]})", "list each image once"))
+            continue
+        seen[image_id] = line_number
         xml_path = root / "Annotations" / f"{image_id}.xml"
         if not xml_path.is_file():
-            problems.append(_problem(list_file, f"line {line_number}", f"no annotation {xml_path.name}",
+            problems.append(_problem(list_file, where, f"no annotation {xml_path.name}",
                                      "add the XML file or remove the id from the list"))
             continue
-        try:
-            node = ElementTree.fromstring(xml_path.read_bytes())
-        except ElementTree.ParseError as error:
-            problems.append(_problem(xml_path, "", f"not valid XML ({error})", "fix or re-export the file"))
-            continue
-        size = [node.findtext(f"size/{tag}") for tag in ("width", "height")]
-        size = tuple(int(float(v)) for v in size) if all(size) else None
-        objects = []
-        for k, obj in enumerate(node.iter("object"), start=1):
-            where = f"object {k}"
-            written = _number_list([obj.findtext(f"bndbox/{t}") for t in ("xmin", "ymin", "xmax", "ymax")],
-                                   where, problems, xml_path)
-            if written is not None:  # VOC counts pixels from 1, and xmax is the last pixel inside
-                box = [written[0] - 1, written[1] - 1, written[2], written[3]]
-                objects.append(_Object((obj.findtext("name") or "").strip(), box, written,
-                                       (obj.findtext("difficult") or "0").strip() == "1", where))
-        image = root / "JPEGImages" / (node.findtext("filename") or f"{image_id}.jpg").strip()
-        records.append(_Record(image, objects, xml_path, "", size))
+        record = _voc_record(root, image_id, xml_path, problems)
+        if record is not None:
+            records.append(record)
     return records, problems, None
 
 
-def _coco_records(json_path, image_dir):
-    """Records of a COCO JSON file; category ids become 0..K-1 in id order, names kept."""
+def _voc_record(root, image_id, xml_path, problems):
+    """The record of one VOC annotation file, or None after adding a problem if it is not XML."""
+    try:
+        node = ElementTree.fromstring(xml_path.read_bytes())
+    except (ElementTree.ParseError, ValueError, LookupError, OSError) as error:
+        problems.append(_problem(xml_path, "", f"not valid XML ({error})", "fix or re-export the file"))
+        return None
+    size = [(node.findtext(f"size/{tag}") or "").strip() for tag in ("width", "height")]
+    numbers = _number_fields(size) if all(size) else None
+    if any(size) and (numbers is None or not all(_is_number(v, 0) and v == int(v) for v in numbers)):
+        problems.append(_problem(xml_path, "size", f"width and height must be whole numbers of pixels, got "
+                                 f"{size}", "write the image's size, or remove <size>"))
+        numbers = None
+    objects = []
+    for k, obj in enumerate(node.findall("object"), start=1):
+        where, bndbox = f"object {k}", obj.find("bndbox")
+        texts = [(bndbox.findtext(t) or "").strip() if bndbox is not None else "" for t in
+                 ("xmin", "ymin", "xmax", "ymax")]
+        written, difficult = _number_fields(texts), (obj.findtext("difficult") or "0").strip().lower()
+        if written is None:
+            problems.append(_problem(xml_path, where, f"<bndbox> needs four numbers xmin, ymin, xmax, ymax; got "
+                                     f"{texts}", "write the box's four corners in pixels"))
+        elif difficult not in ("0", "1", "false", "true"):
+            problems.append(_problem(xml_path, where, f"<difficult> must be 0 or 1, got {difficult!r}",
+                                     "write 0 or 1"))
+        else:  # VOC counts pixels from 1, and xmax is the last pixel inside; many tools write 0 for pixel 1
+            box = [v - 1 if v >= 1 else min(v, 0.0) for v in written[:2]] + written[2:]
+            objects.append(_Object((obj.findtext("name") or "").strip() or None, box, written,
+                                   difficult in ("1", "true"), where))
+    filename = (node.findtext("filename") or "").strip() or f"{image_id}.jpg"
+    return _Record(root / "JPEGImages" / _image_key(filename), objects, xml_path, "",
+                   tuple(int(v) for v in numbers) if numbers else None)
+
+
+def _read_coco_json(json_path):
+    """The dict of a COCO file, with lists under images, annotations and categories; else DatasetError."""
     try:
         data = json.loads(_csv_text(json_path))
     except json.JSONDecodeError as error:
         raise DatasetError(f"{json_path} line {error.lineno}: not valid JSON ({error.msg})") from None
-    if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= set(data):
-        raise DatasetError(f"{json_path}: a COCO file needs 'images', 'annotations' and 'categories'")
-    categories = {c["id"]: c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])}
-    names = list(categories.values())
-    if len(set(names)) != len(names):
-        twice = sorted({name for name in names if names.count(name) > 1})
-        raise DatasetError(f"{json_path}: several categories share the name(s) {twice}: give each its own name")
-    records, problems, by_image = {}, [], {}
-    for image in data["images"]:
-        by_image[image["id"]] = _Record(image_dir / image["file_name"], [], json_path, f"image id {image['id']}",
-                                        (image.get("width"), image.get("height")))
-    for ann in data["annotations"]:
-        where = f"annotation id {ann.get('id')}"
-        record = by_image.get(ann.get("image_id"))
+    except RecursionError:
+        raise DatasetError(f"{json_path}: nested too deeply to be a COCO file") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{json_path}: a COCO file is a JSON object with 'images', 'annotations' and "
+                           f"'categories', not a {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DatasetError(f"{json_path}: '{key}' must be a list, got "
+                               f"{'nothing' if key not in data else json.dumps(data[key])[:40]}")
+    return data
+
+
+def _is_id(value):
+    """True for a COCO id: an integer or a non-empty string (not a bool, float or list)."""
+    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value != "")
+
+
+def _coco_categories(json_path, categories, problems):
+    """{category id: name} of the well-formed categories, in id order; problems for the others."""
+    found, names = {}, set()
+    for index, category in enumerate(categories):
+        where = f"categories[{index}]"
+        if not isinstance(category, dict) or not _is_id(category.get("id")):
+            problems.append(_problem(json_path, where, "a category needs an integer 'id'", "fix the category"))
+            continue
+        name, where = category.get("name"), f"category id {category['id']}"
+        if not isinstance(name, str) or not name.strip():
+            problems.append(_problem(json_path, where, f"a category needs a 'name', got {name!r}",
+                                     "give the category a name"))
+        elif category["id"] in found or name in names:
+            problems.append(_problem(json_path, where, f"another category has the id {category['id']!r} or the "
+                                     f"name {name!r}", "give each category its own id and name"))
+        else:
+            found[category["id"]] = name
+            names.add(name)
+    return dict(sorted(found.items(), key=lambda item: (isinstance(item[0], str), item[0])))
+
+
+def _coco_images(json_path, images, image_dir, problems):
+    """{image id: record} of the well-formed images; problems for the others (a duplicated id among them)."""
+    by_id, by_file = {}, {}
+    for index, image in enumerate(images):
+        where = f"images[{index}]"
+        if not isinstance(image, dict) or not _is_id(image.get("id")):
+            problems.append(_problem(json_path, where, "an image needs an integer 'id'", "fix the image entry"))
+            continue
+        name, where = image.get("file_name"), f"image id {image['id']}"
+        size = (image.get("width"), image.get("height"))
+        if not isinstance(name, str) or not name.strip():
+            problems.append(_problem(json_path, where, f"an image needs a 'file_name', got {name!r}",
+                                     "write the image's path"))
+        elif not all(v is None or _is_number(v, 0, integer=True) for v in size):
+            problems.append(_problem(json_path, where, f"width and height must be whole numbers, got {size}",
+                                     "write the image's size, or leave them out", name))
+        elif image["id"] in by_id:
+            problems.append(_problem(json_path, where, f"image id {image['id']!r} is also the id of "
+                                     f"{by_id[image['id']].file.name}, so their annotations cannot be told "
+                                     "apart", "give each image its own id", name))
+        elif _image_key(name) in by_file:
+            problems.append(_problem(json_path, where, f"{name} is also listed as {by_file[_image_key(name)]}",
+                                     "list each image once, with all its annotations under one id", name))
+        else:
+            by_id[image["id"]] = _Record(image_dir / _image_key(name), [], json_path, where, size)
+            by_file[_image_key(name)] = where
+    return by_id
+
+
+def _coco_records(json_path, image_dir):
+    """Records of a COCO JSON file; category ids become 0..K-1 in id order, names kept."""
+    data, problems = _read_coco_json(json_path), []
+    categories = _coco_categories(json_path, data["categories"], problems)
+    by_id = _coco_images(json_path, data["images"], image_dir, problems)
+    for index, ann in enumerate(data["annotations"]):
+        where = f"annotation id {ann['id']}" if isinstance(ann, dict) and _is_id(ann.get("id")) else \
+            f"annotations[{index}]"
+        ann = ann if isinstance(ann, dict) else {}
+        image_id, category_id, bbox = ann.get("image_id"), ann.get("category_id"), ann.get("bbox")
+        record = by_id.get(image_id) if _is_id(image_id) else None
         if record is None:
-            problems.append(_problem(json_path, where, f"unknown image_id {ann.get('image_id')}",
-                                     "add the image to 'images' or remove the annotation"))
-            continue
-        if ann.get("category_id") not in categories:
-            problems.append(_problem(json_path, where, f"unknown category_id {ann.get('category_id')} "
-                                     f"(known: {sorted(categories)})", "fix the id or add the category",
-                                     record.file.name))
-            continue
-        bbox = ann.get("bbox")
-        written = _number_list(bbox if isinstance(bbox, list) and len(bbox) == 4 else [bbox], where, problems,
-                               json_path)
-        if written is not None:  # COCO boxes are (x, y, width, height)
-            box = [written[0], written[1], written[0] + written[2], written[1] + written[3]]
-            record.objects.append(_Object(categories[ann["category_id"]], box, written,
-                                          bool(ann.get("iscrowd", 0)), where))
-    records = list(by_image.values())
-    return records, problems, tuple(categories.values())
+            problems.append(_problem(json_path, where, f"image_id {image_id!r} is not the id of a readable image",
+                                     "fix the id, or the image's entry in 'images'"))
+        elif not _is_id(category_id) or category_id not in categories:
+            problems.append(_problem(json_path, where, f"unknown category_id {category_id!r} (known: "
+                                     f"{list(categories)})", "fix the id or add the category", record.file.name))
+        elif not (isinstance(bbox, list) and len(bbox) == 4 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
+            problems.append(_problem(json_path, where, f"bbox must be four numbers [x, y, width, height], got "
+                                     f"{json.dumps(bbox)[:60]}", "fix the box", record.file.name))
+        elif ann.get("iscrowd", 0) not in (0, 1):
+            problems.append(_problem(json_path, where, f"iscrowd must be 0 or 1, got {ann['iscrowd']!r}",
+                                     "write 0 or 1", record.file.name))
+        else:  # COCO boxes are (x, y, width, height)
+            box = [bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1] + bbox[3]]
+            record.objects.append(_Object(categories[category_id], box, bbox, bool(ann.get("iscrowd", 0)), where))
+    return list(by_id.values()), problems, tuple(categories.values())
 
 
 def _csv_records(csv_path, image_dir):
     """Records of a CSV with the header image,class,xmin,ymin,xmax,ymax (pixels), one row per box."""
-    reader = csv.reader(io.StringIO(_csv_text(csv_path), newline=""))
-    header = next(reader, None)
-    if header is None or [h.strip() for h in header] != list(CSV_DATASET_HEADER):
-        raise DatasetError(f"{csv_path}: header must be {','.join(CSV_DATASET_HEADER)}, got {header}")
     by_image, problems = {}, []
-    for row_number, row in enumerate(reader, start=2):
-        if not row:
-            continue
+    for row_number, fields in _csv_table(csv_path, CSV_DATASET_HEADER):
         where = f"row {row_number}"
-        if len(row) != len(CSV_DATASET_HEADER):
-            problems.append(_problem(csv_path, where, f"expected 6 columns, got {len(row)}: {row}",
+        if len(fields) != len(CSV_DATASET_HEADER):
+            problems.append(_problem(csv_path, where, f"expected 6 columns, got {len(fields)}: {fields}",
                                      "one row per box: image,class,xmin,ymin,xmax,ymax"))
             continue
-        name, fields = row[0].strip(), [field.strip() for field in row[1:]]
-        record = by_image.setdefault(name, _Record(image_dir / name, [], csv_path, where))
-        if all(field == "" for field in fields):
+        name, label, written = fields[0], fields[1], _number_fields(fields[2:])
+        if not name:
+            problems.append(_problem(csv_path, where, "the image name is empty", "write the image's path"))
+            continue
+        record = by_image.setdefault(_image_key(name), _Record(image_dir / _image_key(name), [], csv_path, where))
+        if all(field == "" for field in fields[1:]):
             continue  # an image without objects
-        written = _number_list(fields[1:], where, problems, csv_path)
-        if written is not None:
-            record.objects.append(_Object(fields[0], written, written, False, where))
+        if written is None:
+            problems.append(_problem(csv_path, where, f"box values are not numbers: {fields[2:]}",
+                                     "write four numbers in pixels", name))
+        else:
+            record.objects.append(_Object(label or None, written, written, False, where))
     return list(by_image.values()), problems, None
 
 
 def _records(path, split, image_dir):
     """(records, problems, class names or None) of a VOC folder, a COCO .json or a .csv file."""
     path = pathlib.Path(path)
+    if not path.exists():
+        raise DatasetError(f"{path} does not exist: expected a VOC folder, a COCO .json file or a .csv file")
     if path.is_dir() and (path / "Annotations").is_dir():
         return _voc_records(path, split)
+    if image_dir is not None and not pathlib.Path(image_dir).is_dir():
+        raise DatasetError(f"the image folder {image_dir} (image_dir) is not a folder")
     image_dir = pathlib.Path(image_dir) if image_dir is not None else path.parent
     if path.suffix.lower() == ".json" and path.is_file():
         return _coco_records(path, image_dir)
@@ -2435,24 +2711,6 @@ def _records(path, split, image_dir):
         return _csv_records(path, image_dir)
     raise DatasetError(f"{path}: expected a VOC folder (with Annotations/, JPEGImages/ and ImageSets/Main/), "
                        "a COCO .json file or a .csv file")
-
-
-def _object_problem(obj, width, height, class_ids):
-    """(problem, fix) for one object in an image of width x height pixels (None: unreadable), or None."""
-    if obj.name not in class_ids:
-        return (f"unknown class name {obj.name!r} (known: {', '.join(class_ids)})",
-                "fix the name, or pass class_names with every class")
-    if not all(math.isfinite(v) for v in obj.written):
-        return f"box is not finite: {obj.written}", "fix the numbers"
-    xmin, ymin, xmax, ymax = obj.box
-    if all(0 <= v <= 1 for v in obj.written) and (width is None or max(width, height) > 2):
-        return (f"box {obj.written} looks normalised (0..1), but pixels are expected",
-                f"multiply x by the image width ({width}) and y by its height ({height})")
-    if xmax <= xmin or ymax <= ymin:
-        return f"box {obj.written} is empty or inverted", "need xmax > xmin and ymax > ymin"
-    if width is not None and (xmin < 0 or ymin < 0 or xmax > width or ymax > height):
-        return f"box {obj.written} lies outside the {width}x{height} image", "clip it to the image or fix it"
-    return None
 
 
 def _letterbox(pixels, size):
@@ -2473,35 +2731,32 @@ def _letterbox(pixels, size):
 def _scan(records, class_names, size):
     """Decode each image once, check every object, scale: (images, labels, difficult, files, problems)."""
     class_ids = {name: i for i, name in enumerate(class_names)}
-    images, labels, difficult, files, problems = [], [], [], [], []
+    images, labels, difficult, files, problems, seen = [], [], [], [], [], {}
     for record in records:
-        try:
-            pixels = open_image(record.file, "", exif="refuse")
-        except DatasetError as error:
-            text = str(error).split(": ", 1)[-1].replace(str(record.file), record.file.name)
-            fix = "fix, replace or remove the image" if record.file.is_file() else \
-                "check the path; for COCO and CSV, pass image_dir= if the images are elsewhere"
-            problems.append(_problem(record.source, record.where, text, fix, record.file.name))
-            for obj in record.objects:  # what can be checked without the image
-                found = _object_problem(obj, None, None, class_ids)
-                if found is not None:
-                    problems.append(_problem(record.source, obj.where, *found, record.file.name))
+        spelling = seen.setdefault(str(record.file).casefold(), record)
+        if spelling is not record:
+            problems.append(_problem(record.source, record.where, f"{record.file.name} is the same image as "
+                                     f"{spelling.file.name} ({spelling.where}) on Windows and macOS",
+                                     "give each image one name, spelled the same way", record.file.name))
             continue
-        height, width = pixels.shape[1:]
-        if record.size and all(record.size) and tuple(record.size) != (width, height):
+        pixels, image_problem = _open_record_image(record)
+        if image_problem:
+            problems.append(image_problem)
+        height, width = pixels.shape[1:] if pixels is not None else (None, None)
+        if pixels is not None and record.size and all(record.size) and tuple(record.size) != (width, height):
             problems.append(_problem(record.source, record.where, f"the annotation says {record.size[0]}x"
                                      f"{record.size[1]}, the image is {width}x{height}",
                                      "check that the boxes belong to this image", record.file.name))
         rows, flags = [], []
         for obj in record.objects:
-            found = _object_problem(obj, width, height, class_ids)
-            if found is None and any(row[0] == class_ids[obj.name] and row[1:] == obj.box for row in rows):
-                found = f"duplicate box {obj.written}", "remove one of the two"
-            if found is not None:
-                problems.append(_problem(record.source, obj.where, *found, record.file.name))
-                continue
-            rows.append([class_ids[obj.name], *obj.box])
-            flags.append(obj.difficult)
+            found = label_problems(obj.name, obj.box, None if pixels is None else (width, height), class_names,
+                                   written=obj.written, earlier=[(class_names[r[0]], r[1:]) for r in rows])
+            problems += [_problem(record.source, obj.where, *pair, record.file.name) for pair in found]
+            if not found:
+                rows.append([class_ids[obj.name], *obj.box])
+                flags.append(obj.difficult)
+        if pixels is None:
+            continue
         image, (sx, sy) = _letterbox(pixels, size)
         scale = torch.tensor([1.0, sx / size, sy / size, sx / size, sy / size])
         labels.append(torch.tensor(rows, dtype=torch.float64).reshape(-1, 5) * scale.double())
@@ -2511,13 +2766,29 @@ def _scan(records, class_names, size):
     return images, labels, difficult, files, problems
 
 
+def _open_record_image(record):
+    """(pixels uint8 (3, H, W) or None, a problem row or None) for a record's image."""
+    try:
+        return open_image(record.file, "", exif="refuse"), None
+    except DatasetError as error:
+        text = str(error).split(": ", 1)[-1].replace(str(record.file), record.file.name)
+        fix = "fix, replace or remove the image"
+        if not record.file.is_file():
+            fix = (f"check the path: it is read as {record.file}. COCO and CSV paths are relative to the "
+                   "annotation file's folder, or to image_dir (--image-dir in the shell)")
+            fix += "; write / between folders, not \\" if "\\" in str(record.file) else ""
+        return None, _problem(record.source, record.where, text, fix, record.file.name)
+
+
 def _class_names(records, names_from_file, class_names):
     """The class names: given, else from the file (COCO), else every name used, sorted."""
     if class_names is not None:
+        if not _class_names_ok(class_names, len(class_names)) or not class_names:
+            raise ConfigError(f"class_names must be distinct, non-empty strings, got {class_names!r}")
         return tuple(class_names)
     if names_from_file is not None:
         return names_from_file
-    return tuple(sorted({obj.name for record in records for obj in record.objects}))
+    return tuple(sorted({obj.name for record in records for obj in record.objects if obj.name}))
 
 
 def read_dataset(path, split="train", image_dir=None, class_names=None, size=256):
@@ -3847,82 +4118,140 @@ def _default_workers():
     return min(cores, 8)
 
 
-def _marker_text(params):
-    """Content of the completion marker: one "key=value" line per item."""
-    return "".join(f"{key}={value}\n" for key, value in params.items())
+# Ownership. Whatever the series writes into a folder (a dataset, an export, detect_folder's drawings, a
+# notebook's scratch folder) is recorded there, in MANIFEST_FILE: each file's path, size and SHA-256. A
+# rebuild removes or replaces only files that are in that record and unchanged since; any other file, or a
+# changed one, stops it before it touches anything. Names prove nothing. Checkpoints and ONNX files carry
+# their marker inside instead (save_checkpoint, export_onnx).
+
+MANIFEST_FILE = ".tinyssd-manifest.json"
+MADE_BY = "tinyssd-notebooks"
 
 
-def _is_complete(root, params):
-    """True if root holds a finished dataset made with exactly `params`."""
-    marker = pathlib.Path(root) / MARKER_FILE
-    return marker.is_file() and marker.read_text() == _marker_text(params)
+def _file_record(path):
+    """{"size": bytes, "sha256": hex digest} of one file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": os.path.getsize(path), "sha256": digest.hexdigest()}
 
 
-# Paths (relative, POSIX) that the series writes into a dataset folder: d2l's
-# layout from the generate_* functions, and the VOC, COCO and CSV exports of 11_your_own_data.
-GENERATED_PATHS = (
-    r"[a-z-]+_(train|val)", r"[a-z-]+_(train|val)/label\.csv", r"[a-z-]+_(train|val)/images",
-    r"[a-z-]+_(train|val)/images/\d+\.png",
-    r"Annotations", r"Annotations/\w+\.xml", r"JPEGImages", r"JPEGImages/\w+\.png",
-    r"ImageSets", r"ImageSets/Main", r"ImageSets/Main/\w+\.txt", r"images", r"images/\w+\.png",
-    r"\w+\.json", r"\w+\.csv",
-)
+def _read_manifest(folder):
+    """The manifest of ``folder`` (made_by, kind, params, files), or None if it has none the series wrote.
+
+    files: {relative POSIX path: _file_record}, or None for a scratch folder, all of which is a notebook's.
+    """
+    path = pathlib.Path(folder) / MANIFEST_FILE
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (OSError, ValueError):  # unreadable, or not JSON: not a record the series wrote
+        return None
+    if not (isinstance(manifest, dict) and manifest.get("made_by") == MADE_BY
+            and isinstance(manifest.get("files"), (dict, type(None)))):
+        return None
+    return manifest
 
 
-def _is_generated_layout(folder):
-    """True if ``folder`` holds nothing but what the series writes (GENERATED_PATHS).
+def _write_manifest(folder, kind, params=None, files="all"):
+    """Record what the series wrote in ``folder``; written atomically, and last.
 
-    A symbolic link, or any other file (a user's notes, d2l's own download
-    with a file of its own), makes it False.
+    files: "all" (every file now under folder), None (scratch: the whole folder), or
+    {relative path: _file_record}.
     """
     folder = pathlib.Path(folder)
-    for path in folder.rglob("*"):
-        relative = path.relative_to(folder).as_posix()
+    if files == "all":
+        files = {p.relative_to(folder).as_posix(): _file_record(p) for p in sorted(folder.rglob("*"))
+                 if p.is_file() and p.name != MANIFEST_FILE}
+    text = json.dumps({"made_by": MADE_BY, "kind": kind, "params": params, "files": files}, indent=1)
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_FILE}.", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    os.replace(tmp, folder / MANIFEST_FILE)
+
+
+def _is_unchanged(path, record):
+    """True if the file at ``path`` still has the size and hash ``record`` holds."""
+    return (isinstance(record, dict) and os.path.getsize(path) == record.get("size")
+            and _file_record(path)["sha256"] == record.get("sha256"))
+
+
+def _unowned_files(folder, files=(), base=None):
+    """[(path, why)] for every file under ``folder`` the series may not remove.
+
+    Each file must be recorded, unchanged, in the manifest of its nearest folder that has one. A link,
+    or a file that no manifest lists, is the user's.
+    """
+    folder = pathlib.Path(folder)
+    manifest = _read_manifest(folder)
+    if manifest is not None and manifest["files"] is None:  # a scratch folder: all of it is a notebook's
+        return []
+    if manifest is not None:
+        files, base = manifest["files"], folder
+    found = []
+    for path in sorted(folder.iterdir()):
+        if manifest is not None and path.name == MANIFEST_FILE:
+            continue
         if path.is_symlink():
-            return False
-        if relative != MARKER_FILE and not any(re.fullmatch(pattern, relative) for pattern in GENERATED_PATHS):
-            return False
-    return True
+            found.append((path, "a link"))
+        elif path.is_dir():
+            found += _unowned_files(path, files, base)
+        elif base is None or path.relative_to(base).as_posix() not in files:
+            found.append((path, "not written by the series"))
+        elif not _is_unchanged(path, files[path.relative_to(base).as_posix()]):
+            found.append((path, "changed since the series wrote it"))
+    return found
 
 
-def _check_replaceable(root):
-    """Raise FileExistsError unless the series may replace ``root``.
+def _listing(root, found, limit=8):
+    """'a.png (why), b/c.csv (why), ...' with paths relative to root."""
+    shown = [f"{pathlib.Path(path).relative_to(root).as_posix()} ({why})" for path, why in found[:limit]]
+    return ", ".join(shown) + (f" and {len(found) - limit} more" if len(found) > limit else "")
 
-    It may when root does not exist, is an empty folder, or is a dataset it
-    generated itself (marker file present, nothing else added). Anything else
-    belongs to the user and is never deleted.
+
+def _check_replaceable(root, advice="Pass a new or empty folder."):
+    """Raise FileExistsError unless the series may remove everything in ``root``.
+
+    It may when root does not exist, is an empty folder, or holds only files that the manifests in it
+    record and that nobody changed since. Anything else is the user's and is never deleted.
     """
     root = pathlib.Path(root)
     if not root.exists() and not root.is_symlink():
         return
     if pathlib.Path.cwd().resolve().is_relative_to(root.resolve()):
-        raise FileExistsError(f"{root} is the current folder (or holds it): pass a new subfolder as root, "
-                              "such as 'data/bananas'. Nothing was changed.")
-    if root.is_dir() and not root.is_symlink():
-        if not any(root.iterdir()) or ((root / MARKER_FILE).is_file() and _is_generated_layout(root)):
-            return
-        names = sorted(path.name for path in root.iterdir())
-        listing = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-        raise FileExistsError(
-            f"{root} already exists and is not a dataset this series generated (it holds {listing}). "
-            "Nothing was changed. Pass a new or empty folder as root. To read a dataset you already "
-            "have, use read_detection_folder(folder) or load_data_bananas(batch_size, root=folder).")
-    raise FileExistsError(f"{root} exists and is not a folder; nothing was changed. Pass a new folder as root.")
+        raise FileExistsError(f"{root} is the current folder (or holds it): pass a new subfolder, such as "
+                              "'data/bananas'. Nothing was changed.")
+    if root.is_symlink() or not root.is_dir():
+        raise FileExistsError(f"{root} exists and is not a folder; nothing was changed. {advice}")
+    found = _unowned_files(root)
+    if found:
+        raise FileExistsError(f"{root} holds files that the series did not write, or that were changed since: "
+                              f"{_listing(root, found)}. Nothing was changed. {advice}")
 
 
-def _remove_stale_temporaries(root, fresh, max_age_s=3600):
-    """Delete "<root>.tmp-XXXXXXXX" siblings left by runs killed > max_age_s ago.
+@contextlib.contextmanager
+def _sigterm_as_exit():
+    """Within the block, SIGTERM (a `kill`, a closed terminal) raises SystemExit, so that `finally` clauses
+    remove temporary files. Only the main thread can handle signals; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
-    fresh: the folder we just created; its mtime serves as "now". Younger
-    folders are left alone: they may belong to a run still in progress. A
-    folder is deleted only if it holds nothing but generated files.
-    """
-    now = os.path.getmtime(fresh)
-    pattern = re.escape(root.name) + r"\.tmp-[a-z0-9_]{8}"
-    for path in root.parent.glob(root.name + ".tmp-*"):
-        if (re.fullmatch(pattern, path.name) and path.is_dir() and not path.is_symlink()
-                and os.path.getmtime(path) < now - max_age_s and _is_generated_layout(path)):
-            shutil.rmtree(path, ignore_errors=True)
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _is_complete(root, params):
+    """True if root holds a finished dataset or export made with exactly ``params``."""
+    manifest = _read_manifest(root)
+    return manifest is not None and manifest.get("params") == params
 
 
 def _progress_ticker(progress, total):
@@ -3945,14 +4274,12 @@ def _progress_ticker(progress, total):
 
 
 def _build_atomically(root, params, write):
-    """Create the dataset folder `root` all at once, or reuse a finished one.
+    """Create the folder `root` all at once, or reuse a finished one made with the same params.
 
-    If root already holds a marker matching params, return at once.
-    Otherwise write(tmp) fills a fresh temporary sibling folder, the marker
-    is added last, and the folder is renamed to root. Only an empty folder or
-    a dataset the series generated itself is ever replaced (_check_replaceable):
-    a user's folder raises FileExistsError before anything is written. A crash
-    never leaves a half-written root behind. Returns root as a pathlib.Path.
+    Otherwise write(tmp) fills a fresh temporary sibling folder, the manifest of every file in it is
+    written last, and the folder is renamed to root. root is replaced only if everything in it is the
+    series' own and unchanged (_check_replaceable): otherwise FileExistsError before anything is written.
+    A crash, an error, Ctrl-C or SIGTERM never leaves a half-written root behind. Returns root (Path).
     """
     root = pathlib.Path(os.path.abspath(root))
     if _is_complete(root, params):
@@ -3960,15 +4287,15 @@ def _build_atomically(root, params, write):
     _check_replaceable(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
-    _remove_stale_temporaries(root, tmp)
     try:
-        write(tmp)
-        (tmp / MARKER_FILE).write_text(_marker_text(params))
-        if not _is_complete(root, params):  # another process may have won
-            _check_replaceable(root)  # again, right before deleting anything
-            if root.is_dir():
-                shutil.rmtree(root)
-            os.replace(tmp, root)
+        with _sigterm_as_exit():
+            write(tmp)
+            _write_manifest(tmp, params["kind"], params)
+            if not _is_complete(root, params):  # another process may have won
+                _check_replaceable(root)  # again, right before deleting anything
+                if root.is_dir():
+                    shutil.rmtree(root)
+                os.replace(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root

@@ -3,6 +3,9 @@ import csv
 import hashlib
 import os
 import pathlib
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -143,30 +146,29 @@ def test_a_root_without_marker_is_refused_and_kept(tmp_path):
     root = tmp_path / "bananas"
     (root / "bananas_train" / "images").mkdir(parents=True)  # d2l's layout, but not made by us
     (root / "bananas_train" / "images" / "0.png").write_bytes(b"junk")
-    with pytest.raises(FileExistsError, match="not a dataset this series generated"):
+    with pytest.raises(FileExistsError, match=r"0.png \(not written by the series\)"):
         bd.generate_banana_detection(root, num_train=4, num_val=2)
     assert (root / "bananas_train" / "images" / "0.png").read_bytes() == b"junk"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bananas"]  # no temporary left either
 
 
-def test_stale_temporaries_are_removed_only_if_generated(tmp_path):
-    root = tmp_path / "bananas"
+def test_sigterm_leaves_no_temporary_and_an_old_one_is_left_alone(tmp_path):
+    """A run stopped by SIGTERM removes its temporary folder. A folder that looks like an old run's is
+    never deleted: its name proves nothing."""
     old = tmp_path / "bananas.tmp-abcd1234"
-    (old / "bananas_train" / "images").mkdir(parents=True)
-    (old / "bananas_train" / "images" / "0.png").write_bytes(b"half-written")
-    foreign = tmp_path / "bananas.tmp-backup00"  # the same pattern, but a user's file inside
-    foreign.mkdir()
-    (foreign / "notes.txt").write_text("mine")
-    young = tmp_path / "bananas.tmp-young123"
-    young.mkdir()
-    two_hours_ago = time.time() - 7200
-    for path in (old, foreign):
-        os.utime(path, (two_hours_ago, two_hours_ago))
-    bd.generate_banana_detection(root, num_train=4, num_val=2)
-    assert (root / bd.MARKER_FILE).is_file()
-    assert Image.open(root / "bananas_train" / "images" / "0.png").size == (256, 256)
-    assert not old.exists() and young.exists()  # young: maybe another run
-    assert (foreign / "notes.txt").read_text() == "mine"
+    old.mkdir()
+    (old / "notes.txt").write_text("mine")
+    code = ("import ssd_helpers as H; "
+            f"H.generate_banana_detection({str(tmp_path / 'bananas')!r}, num_train=500, num_val=1)")
+    run = subprocess.Popen([sys.executable, "-c", code], cwd=pathlib.Path(bd.__file__).parent)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any((p / "bananas_train" / "images").is_dir()
+                                             for p in tmp_path.glob("bananas.tmp-*") if p != old):
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=60) == 128 + signal.SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == [old.name]
+    assert (old / "notes.txt").read_text() == "mine"
 
 
 def test_progress_counts_every_image_once_in_order(tmp_path):

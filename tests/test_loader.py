@@ -67,12 +67,12 @@ def edit_csv(folder, row, text):
 @pytest.mark.parametrize("row, text, message", [
     (1, "img_name,label,xmin,ymin,xmax", "header"),
     (3, "1.png,0,10,10,40", "row 3: expected 6 columns"),
-    (2, "0.png,0,50,10,40,60", "row 2: degenerate box"),
-    (2, "0.png,0,10,60,40,60", "row 2: degenerate box"),
+    (2, "0.png,0,50,10,40,60", "row 2: box .* is empty or inverted"),
+    (2, "0.png,0,10,60,40,60", "row 2: box .* is empty or inverted"),
     (3, "1.png,0,-5,10,40,60", "row 3: box .* outside"),
     (3, "1.png,0,10,10,300,60", "row 3: box .* outside"),
-    (2, "0.png,0,10,nan,40,60", "row 2: label and box must be finite"),
-    (2, "0.png,-2,10,10,40,60", "row 2: class id must be an integer >= 0"),
+    (2, "0.png,0,10,nan,40,60", "row 2: box .* is not finite"),
+    (2, "0.png,-2,10,10,40,60", "row 2: class id -2 is not an integer >= 0"),
     (2, "0.png,banana,10,10,40,60", "row 2: label and box must be numbers"),
     (3, "9.png,0,10,10,40,60", "row 3: image file .*9.png is missing"),
 ])
