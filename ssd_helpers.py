@@ -1923,6 +1923,16 @@ def _check_predictions(cls_preds, bbox_preds):
                            "damaged (e.g. by training on bad input). Reload it with load_model.")
 
 
+def _check_detect_options(threshold, nms_threshold=0.5, size=256, max_size=1024):
+    """ConfigError unless detect's options lie in their ranges."""
+    _check_fields("detect", dict(threshold=threshold, nms_threshold=nms_threshold, size=size, max_size=max_size), {
+        "threshold": (lambda v: _is_number(v, 0, 1), "a score in 0..1"),
+        "nms_threshold": (lambda v: _is_number(v, 0, 1) and v > 0, "an IoU in 0..1, above 0"),
+        "size": (lambda v: _is_number(v, 64, integer=True), "an integer >= 64 (pixels)"),
+        "max_size": (lambda v: _is_number(v, size, integer=True), f"an integer >= size ({size})"),
+    })
+
+
 def detect(net, image, threshold=0.5, size=256, nms_threshold=0.5, keep_aspect=True, max_size=1024):
     """Detect objects in one image of any size and mode. Introduced in 08_prediction.
 
@@ -1938,6 +1948,7 @@ def detect(net, image, threshold=0.5, size=256, nms_threshold=0.5, keep_aspect=T
     (k, 6) of rows (class_id, score, xmin, ymin, xmax, ymax) in the upright
     image's pixels, best first, score >= threshold.
     """
+    _check_detect_options(threshold, nms_threshold, size, max_size)
     X, (height, width) = _model_input(image, size, keep_aspect, max_size)
     net.eval()
     with torch.no_grad():
@@ -1955,6 +1966,10 @@ def _model_input(image, size=256, keep_aspect=True, max_size=1024):
     if keep_aspect:  # at least 64 px on the short side: five blocks halve it down to one pixel
         short, long = min(height, width), max(height, width)
         scale = max(min(size / short, max_size / long), 64 / short)
+        if long * scale > max_size + 0.5:
+            raise DatasetError(f"the image is {width}x{height} pixels: with its short side at least 64 pixels "
+                               f"(what five blocks need) its long side would be {long * scale:.0f}, over "
+                               f"max_size={max_size}. Crop it into pieces, or pass a larger max_size.")
         new_size = (max(1, round(height * scale)), max(1, round(width * scale)))
     else:
         new_size = (size, size)
@@ -2978,18 +2993,6 @@ def _write_csv_dataset(root, split, images, labels, class_names):
 # 11b. Detection on a folder of photos, from a notebook or the shell
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-DETECT_MANIFEST = ".tinyssd-detect"  # lists the files detect_folder wrote, which it may replace
-
-
-def _image_files(sources):
-    """Image files from paths and folders (a folder's images in name order)."""
-    files = []
-    for source in map(pathlib.Path, sources):
-        if source.is_dir():
-            files += sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            files.append(source)
-    return files
 
 
 def draw_detections(pixels, detections, class_names=None):
@@ -3019,47 +3022,132 @@ def _class_name(class_names, class_id):
     return class_names[int(class_id)] if class_names and int(class_id) < len(class_names) else f"class {int(class_id)}"
 
 
+def _image_files(sources):
+    """Image files from paths and folders (a folder's images in name order), each file once.
+
+    A missing path raises FileNotFoundError. ``a.png`` and ``./a.png``, or a file also
+    found in a folder given, are one image.
+    """
+    files, seen = [], set()
+    for source in map(pathlib.Path, sources):
+        if not source.exists():
+            raise FileNotFoundError(f"{source} does not exist; nothing was written")
+        found = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()) \
+            if source.is_dir() else [source]
+        for path in found:
+            if path.resolve() not in seen:
+                seen.add(path.resolve())
+                files.append(path)
+    return files
+
+
+def _drawing_names(files):
+    """A distinct file name per image for its drawing, also where names differ only in case.
+
+    <stem>_detections.png where that is unique; where stems clash (x.jpg and x.png, p/a.jpg and
+    q/p/a.jpg), the image's path from the images' common folder, with / and . as _.
+    """
+    names = [f"{path.stem}_detections.png" for path in files]
+    clash = {n.casefold() for n in names if [m.casefold() for m in names].count(n.casefold()) > 1}
+    if clash:
+        common = pathlib.Path(os.path.commonpath([path.resolve().parent for path in files]))
+        names = [f"{str(path.resolve().relative_to(common)).replace(os.sep, '_').replace('.', '_')}"
+                 f"_detections.png" if name.casefold() in clash else name for path, name in zip(files, names)]
+    taken = [name.casefold() for name in names]
+    return [name if taken.count(name.casefold()) == 1 else f"{i}_{name}" for i, name in enumerate(names)]
+
+
+def _check_out_dir(out_dir, sources, names):
+    """Refuse an output folder that is a file, an input folder, another helper's folder, or that holds a
+    file of these names the series did not write (or that changed since). Returns its recorded files."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} is a file, not a folder; nothing was written. Pass a folder for the "
+                              "drawn images and detections.csv.")
+    for source in map(pathlib.Path, sources):
+        if source.is_dir() and out_dir.resolve().is_relative_to(source.resolve()):
+            raise FileExistsError(f"{out_dir} is (inside) the input folder {source}; nothing was written. "
+                                  "Pass another folder, so that drawings are never read as photos.")
+    manifest = _read_manifest(out_dir) if out_dir.is_dir() else None
+    if manifest is not None and manifest.get("kind") != "detections":
+        raise FileExistsError(f"{out_dir} holds a {manifest.get('kind')} the series made; nothing was written. "
+                              "Pass another folder.")
+    recorded = dict(manifest["files"]) if manifest is not None else {}
+    found = []
+    for name in names:
+        path = out_dir / name
+        if path.is_symlink() or (path.exists() and name not in recorded):
+            found.append((path, "not written by detect_folder"))
+        elif path.exists() and not _is_unchanged(path, recorded[name]):
+            found.append((path, "changed since detect_folder wrote it"))
+    if found:
+        raise FileExistsError(f"{out_dir} holds files detect_folder would replace: {_listing(out_dir, found)}. "
+                              "Nothing was written. Choose another output folder, or move them away.")
+    return recorded
+
+
 def detect_folder(net, sources, out_dir, class_names=None, threshold=0.5, echo=None):
     """Detect on image files and folders; save drawn copies and detections.csv. Introduced in 11_your_own_data.
 
-    Writes out_dir/<name>_detections.png per image and out_dir/detections.csv
-    (image, class, score, xmin, ymin, xmax, ymax in the image's pixels). A file
-    in out_dir that detect_folder did not write is never replaced: FileExistsError.
-    An unreadable image is reported (echo) and skipped. Returns the CSV rows.
+    Writes out_dir/<name>_detections.png per image (a distinct name per image, see
+    _drawing_names) and out_dir/detections.csv (image, class, score, xmin, ymin, xmax,
+    ymax in the image's pixels), and records them in out_dir's manifest. A file there
+    that detect_folder did not write, or that was changed since, is never replaced:
+    FileExistsError before anything is written. An unreadable image is reported (echo)
+    and skipped; if none can be read, DatasetError. Returns the CSV rows.
     """
-    out_dir = pathlib.Path(out_dir)
+    out_dir, files = pathlib.Path(out_dir), _image_files(sources)
+    if not files:
+        raise DatasetError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, sources))}")
+    _check_detect_options(threshold)
+    names = _drawing_names(files)
+    recorded = _check_out_dir(out_dir, sources, [*names, "detections.csv"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = out_dir / DETECT_MANIFEST
-    ours = set(manifest.read_text().split("\n")) if manifest.is_file() else set()
-    files = _image_files(sources)
-    names = [f"{path.stem}_detections.png" for path in files]
-    names = [name if names.count(name) == 1 else f"{path.parent.name}_{name}" for name, path in zip(names, files)]
-    for name in [*names, "detections.csv"]:
-        if (out_dir / name).exists() and name not in ours:
-            raise FileExistsError(f"{out_dir / name} exists and was not written by detect_folder; nothing was "
-                                  "written. Choose another output folder.")
-    manifest.write_text("\n".join(sorted(ours | {*names, "detections.csv"})) + "\n")
-    rows = []
-    for path, name in zip(tqdm.auto.tqdm(files, desc="detecting", disable=echo is not None), names):
-        try:
-            pixels = open_image(path, str(path), exif="apply")
-        except DatasetError as error:
-            (echo or print)(f"skipped: {error}")
-            continue
-        detections = detect(net, pixels, threshold)
-        draw_detections(pixels, detections, class_names).save(out_dir / name)
-        for class_id, score, *box in detections.tolist():
-            rows.append([str(path), _class_name(class_names, class_id), f"{score:.3f}", *(f"{v:.1f}" for v in box)])
-            if echo is not None:
-                echo(f"{path}\t{rows[-1][1]}\t{score:.2f}\t" + " ".join(rows[-1][3:]))
-    with open(out_dir / "detections.csv", "w", newline="") as f:
-        csv.writer(f, lineterminator="\n").writerows([("image", "class", "score", *CSV_DATASET_HEADER[2:]), *rows])
+    rows, read = [], 0
+    try:
+        for path, name in zip(tqdm.auto.tqdm(files, desc="detecting", disable=echo is not None), names):
+            try:
+                pixels = open_image(path, str(path), exif="apply")
+                detections = detect(net, pixels, threshold)
+            except DatasetError as error:
+                (echo or print)(f"skipped: {error}")
+                continue
+            draw_detections(pixels, detections, class_names).save(out_dir / name)
+            recorded[name], read = _file_record(out_dir / name), read + 1
+            for class_id, score, *box in detections.tolist():
+                rows.append([str(path), _class_name(class_names, class_id), f"{score:.3f}",
+                             *(f"{v:.1f}" for v in box)])
+                if echo is not None:
+                    echo(f"{path}\t{rows[-1][1]}\t{score:.2f}\t" + " ".join(rows[-1][3:]))
+        if read == 0:
+            raise DatasetError(f"none of the {len(files)} images could be read, so nothing was drawn")
+        with open(out_dir / "detections.csv", "w", newline="") as f:
+            csv.writer(f, lineterminator="\n").writerows([("image", "class", "score", *CSV_DATASET_HEADER[2:]),
+                                                          *rows])
+        recorded["detections.csv"] = _file_record(out_dir / "detections.csv")
+    finally:  # also after Ctrl-C: what was drawn is recorded, so a new run may replace it
+        _write_manifest(out_dir, "detections", files=recorded)
     return rows
+
+
+def _score(text):
+    """argparse type for --threshold: a number in (0, 1]."""
+    import argparse
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be a score in (0, 1], got {text}")
+    return value
 
 
 def main(argv=None):
     """The shell commands: ``python -m ssd_helpers detect MODEL IMAGES... --out DIR`` and ``validate PATH``.
-    Introduced in 11_your_own_data."""
+    Introduced in 11_your_own_data.
+
+    Exit status: 0 done; 1 validate found problems; 2 an error (printed as ``error: ...``), such as a
+    missing input, no image that could be read, or an option out of range.
+    """
     import argparse
     import sys
     parser = argparse.ArgumentParser(prog="python -m ssd_helpers", description="TinySSD from the shell.")
@@ -3067,25 +3155,30 @@ def main(argv=None):
     run = commands.add_parser("detect", help="detect objects in images and folders with a trained model")
     run.add_argument("model", help="a checkpoint saved by train_ssd or save_checkpoint")
     run.add_argument("images", nargs="+", help="image files or folders of images")
-    run.add_argument("--out", required=True, help="folder for the drawn images and detections.csv")
-    run.add_argument("--threshold", type=float, default=0.5, help="lowest score to keep (default 0.5)")
+    run.add_argument("--out", required=True, help="a folder for the drawn images and detections.csv (not an "
+                     "input folder)")
+    run.add_argument("--threshold", type=_score, default=0.5, help="lowest score to keep, in (0, 1] "
+                     "(default 0.5)")
     check = commands.add_parser("validate", help="report every problem of a VOC, COCO or CSV dataset")
     check.add_argument("path", help="a VOC folder, a COCO .json or a .csv")
     check.add_argument("--split", default="train", help="VOC split (default train)")
+    check.add_argument("--image-dir", help="where the images of a COCO or CSV file are (default: the file's "
+                       "folder)")
     args = parser.parse_args(argv)
     try:
-        if args.command == "detect":
-            net, config = load_model(args.model)
-            rows = detect_folder(net, args.images, args.out, config.class_names, args.threshold, echo=print)
-            print(f"{len(rows)} detections; drawn images and detections.csv in {args.out}", file=sys.stderr)
-        else:
-            report = validate_dataset(args.path, split=args.split)
+        with _sigterm_as_exit():
+            if args.command == "detect":
+                net, config = load_model(args.model)
+                rows = detect_folder(net, args.images, args.out, config.class_names, args.threshold,
+                                     echo=print)
+                print(f"{len(rows)} detections; drawn images and detections.csv in {args.out}", file=sys.stderr)
+                return 0
+            report = validate_dataset(args.path, split=args.split, image_dir=args.image_dir)
             print(report)
             return 0 if report.ok else 1
-    except (DatasetError, CheckpointError, FileExistsError, FileNotFoundError) as error:
+    except (DatasetError, CheckpointError, ConfigError, FileExistsError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
 # ---------------------------------------------------------------------------

@@ -195,7 +195,7 @@ def test_the_shell_command(model, exported, tmp_path, capsys):
     images = sorted((exported["csv"] / "images").iterdir())[:2]
     (tmp_path / "broken.png").write_bytes(b"nope")
     command = [sys.executable, "-m", "ssd_helpers", "detect", str(model), *map(str, images),
-               str(tmp_path / "broken.png"), "--out", str(tmp_path / "out"), "--threshold", "0.0"]
+               str(tmp_path / "broken.png"), "--out", str(tmp_path / "out"), "--threshold", "0.001"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
