@@ -190,11 +190,15 @@ def test_detect_keeps_proportions_and_runs_on_the_whole_rectangle(tiny_data):
 
 
 def test_detect_on_extreme_shapes(tiny_data):
+    """Thin images are scaled up to 64 px on the short side; when that would break max_size they are
+    refused (a 100000 x 20 image would otherwise need gigabytes)."""
     net = H.TinySSD(H.default_config()).eval()
-    for shape in [(3, 20, 3000), (3, 3000, 20), (3, 7, 9)]:
+    for shape, max_size in [((3, 20, 300), 1024), ((3, 300, 20), 1024), ((3, 7, 9), 1024), ((3, 20, 3000), 9600)]:
         image = torch.nn.functional.interpolate(tiny_data[1][0][:1].float(), size=shape[1:])[0]
-        found = H.detect(net, image, threshold=0.0)
+        found = H.detect(net, image, threshold=0.0, max_size=max_size)
         assert (found[:, [2, 4]] <= shape[2]).all() and (found[:, [3, 5]] <= shape[1]).all()
+    with pytest.raises(H.DatasetError, match="3000x20 pixels.* 9600, over max_size=1024"):
+        H.detect(net, torch.zeros(3, 20, 3000, dtype=torch.uint8), max_size=1024)
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
