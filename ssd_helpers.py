@@ -72,7 +72,7 @@ from torchvision.transforms import v2
 
 __all__ = [
     # 0. Set-up
-    "SSDConfig", "fast_mode", "pick_device", "set_seed", "scratch_folder",
+    "SSDConfig", "ConfigError", "fast_mode", "pick_device", "set_seed", "scratch_folder",
     # 1. Prediction heads
     "cls_predictor", "bbox_predictor",
     # 2. Concatenation
@@ -89,7 +89,7 @@ __all__ = [
     "blk_forward", "TinySSD",
     # 6. Data
     "generate_banana_detection", "generate_small_bananas", "generate_fruit_detection", "DatasetError",
-    "image_to_uint8", "open_image", "check_images", "check_labels", "read_detection_folder",
+    "image_to_uint8", "open_image", "check_images", "label_problems", "check_labels", "read_detection_folder",
     "DetectionDataset", "load_data_bananas",
     # 7. Training
     "TrainConfig", "IMAGENET_MEAN", "IMAGENET_STD", "default_config", "default_checkpoint",
