@@ -89,8 +89,8 @@ __all__ = [
     "blk_forward", "TinySSD",
     # 6. Data
     "generate_banana_detection", "generate_small_bananas", "generate_fruit_detection", "DatasetError",
-    "image_to_uint8", "open_image", "check_images", "label_problems", "check_labels", "read_detection_folder",
-    "DetectionDataset", "load_data_bananas",
+    "image_to_uint8", "open_image", "check_images", "label_problems", "check_labels",
+    "read_detection_folder", "DetectionDataset", "load_data_bananas",
     # 7. Training
     "TrainConfig", "IMAGENET_MEAN", "IMAGENET_STD", "default_config", "default_checkpoint",
     "hflip_batch", "hard_negative_mask", "calc_loss", "batch_metrics",
@@ -125,31 +125,35 @@ MAX_CLASS_ID = 2**24  # larger class ids cannot be stored exactly in the float32
 
 
 class ConfigError(ValueError):
-    """A setting out of range (a config field or an argument); the message names it and what it may be.
-    Introduced in 05_model."""
+    """A setting out of range (a config field or an argument); the message names it and what it
+    may be. Introduced in 05_model."""
 
 
 def _is_number(value, low=-math.inf, high=math.inf, integer=False):
-    """True if ``value`` is a finite number in [low, high] (an integer if asked). Bools are not numbers."""
+    """True if ``value`` is a finite number in [low, high] (an integer if asked). Bools are not
+    numbers."""
     kind = numbers.Integral if integer else numbers.Real
     return (isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
             and low <= value <= high)
 
 
 def _check_fields(owner, values, rules):
-    """Raise ConfigError for the first value that breaks its rule; rules: {name: (test, what it may be)}."""
+    """Raise ConfigError for the first value that breaks its rule; rules: {name: (test, what it
+    may be)}."""
     for name, (test, allowed) in rules.items():
         value = values[name]
         try:
             good = bool(test(value))
-        except (TypeError, ValueError):  # a value of the wrong kind, e.g. a string where a list belongs
+        # a value of the wrong kind, e.g. a string where a list belongs
+        except (TypeError, ValueError):
             good = False
         if not good:
             raise ConfigError(f"{owner}.{name} must be {allowed}, got {value!r}")
 
 
 def _numbers(values, low=-math.inf, low_open=False):
-    """True if ``values`` is a non-empty sequence of finite numbers above low (or at it, unless low_open)."""
+    """True if ``values`` is a non-empty sequence of finite numbers above low (or at it, unless
+    low_open)."""
     return (isinstance(values, (list, tuple)) and len(values) > 0
             and all(_is_number(v, low) and not (low_open and v == low) for v in values))
 
@@ -194,11 +198,14 @@ class SSDConfig:
                       "one sequence of anchor sizes > 0 per block"),
             "ratios": (lambda v: all(_numbers(r, 0, low_open=True) for r in v) and len(v) > 0,
                        "one sequence of aspect ratios > 0 per block"),
-            "pixel_mean": (lambda v: v is None or (_numbers(v) and len(v) == 3), "None or 3 finite numbers"),
+            "pixel_mean": (lambda v: v is None or (_numbers(v) and len(v) == 3),
+                           "None or 3 finite numbers"),
             "pixel_std": (lambda v: v is None or (_numbers(v, 0, low_open=True) and len(v) == 3),
                           "None or 3 numbers > 0"),
-            "class_names": (lambda v: _class_names_ok(v, n), f"None or {n} distinct, non-empty strings"),
-            "first_stride": (lambda v: v in (1, 2) and not isinstance(v, bool), "1 (the book's) or 2"),
+            "class_names": (lambda v: _class_names_ok(v, n),
+                            f"None or {n} distinct, non-empty strings"),
+            "first_stride": (lambda v: v in (1, 2) and not isinstance(v, bool),
+                             "1 (the book's) or 2"),
         })
 
     @property
@@ -236,9 +243,10 @@ def set_seed(seed=0):
 def scratch_folder(path, remove=False):
     """An empty folder a notebook may fill and later delete; returns its Path. Introduced in 06_data.
 
-    The folder's manifest (MANIFEST_FILE) records that the series made it for a notebook's scratch work,
-    so all of it is the notebook's: keep nothing of yours there. An existing folder is emptied only if it
-    has that record; a folder without it is the user's, and FileExistsError leaves it alone.
+    The folder's manifest (MANIFEST_FILE) records that the series made it for a notebook's scratch
+    work, so all of it is the notebook's: keep nothing of yours there. An existing folder is emptied
+    only if it has that record; a folder without it is the user's, and FileExistsError leaves it
+    alone.
     ``remove=True`` deletes the folder (record required) instead.
     """
     path = pathlib.Path(path)
@@ -675,8 +683,8 @@ def blk_forward(X, blk, sizes, ratios, cls_predictor, bbox_predictor):
 
 
 def _check_ssd_config(cfg):
-    """Raise ConfigError for an SSDConfig TinySSD cannot be built from (its fields are checked when built).
-    Returns cfg."""
+    """Raise ConfigError for an SSDConfig TinySSD cannot be built from (its fields are checked when
+    built). Returns cfg."""
     if not len(cfg.sizes) == len(cfg.ratios) == 5:
         raise ConfigError("TinySSD has 5 blocks: give 5 entries of sizes and of ratios")
     if len({len(s) + len(r) for s, r in zip(cfg.sizes, cfg.ratios)}) != 1:
@@ -1022,7 +1030,8 @@ def check_images(images, where="images", ids=None):
 
 def _numbers_text(values):
     """[10, 20.5, 30, 40] as a user wrote them, without float noise."""
-    return "[" + ", ".join(f"{v:g}" if isinstance(v, (int, float)) else repr(v) for v in values) + "]"
+    return "[" + ", ".join(f"{v:g}" if isinstance(v, (int, float)) else repr(v)
+                           for v in values) + "]"
 
 
 def label_problems(label, box, size=None, classes=None, normalised=False, written=None, earlier=()):
@@ -1044,10 +1053,12 @@ def label_problems(label, box, size=None, classes=None, normalised=False, writte
         return found + [(f"box {shown} is not finite", "write four finite numbers")]
     xmin, ymin, xmax, ymax = box
     if normalised and (min(box) < -1e-3 or max(box) > 1 + 1e-3):
-        fix = ("they look like pixels: divide x by the image width and y by its height (read_detection_folder "
-               "does)" if max(box) > 1 + 1e-3 else "clip the box to the image")
+        fix = ("they look like pixels: divide x by the image width and y by its height "
+               "(read_detection_folder does)" if max(box) > 1 + 1e-3
+               else "clip the box to the image")
         return found + [(f"box {shown} is not normalised to 0..1", fix)]
-    if not normalised and all(0 <= v <= 1 for v in (written or box)) and (size is None or max(size) > 2):
+    if (not normalised and all(0 <= v <= 1 for v in (written or box))
+            and (size is None or max(size) > 2)):
         width, height = size or ("W", "H")
         return found + [(f"box {shown} looks normalised (0..1), but pixels are expected",
                          f"multiply x by the image width ({width}) and y by its height ({height})")]
@@ -1055,7 +1066,8 @@ def label_problems(label, box, size=None, classes=None, normalised=False, writte
         return found + [(f"box {shown} is empty or inverted", "need xmax > xmin and ymax > ymin")]
     if not normalised and (xmax - xmin < 1 or ymax - ymin < 1):
         found.append((f"box {shown} is less than one pixel wide or high", "fix or remove it"))
-    if size is not None and not normalised and (xmin < 0 or ymin < 0 or xmax > size[0] or ymax > size[1]):
+    if size is not None and not normalised and (xmin < 0 or ymin < 0 or xmax > size[0]
+                                                or ymax > size[1]):
         read = "" if written is None or list(written) == list(box) else \
             f" (read as {_numbers_text(box)} in 0-based pixels with an exclusive max)"
         found.append((f"box {shown}{read} lies outside the {size[0]}x{size[1]} image",
@@ -1099,21 +1111,24 @@ def check_labels(labels, num_classes=None, where="labels", ids=None):
     rows = labels.detach().cpu().double()
     real = (rows[..., 0] != -1).nonzero().tolist()  # [(image, row)]; class -1 rows are padding
     values = rows.tolist()
-    bad = [(i, j, label_problems(values[i][j][0], values[i][j][1:], classes=num_classes, normalised=True))
+    bad = [(i, j, label_problems(values[i][j][0], values[i][j][1:], classes=num_classes,
+                                 normalised=True))
            for i, j in real]
     bad = [(i, j, problems) for i, j, problems in bad if problems]
     if bad:
         i, j, problems = bad[0]
         more = f" ({len(bad) - 1} more rows like it)" if len(bad) > 1 else ""
         problem, fix = problems[0]
-        raise DatasetError(f"{where} image {ids[i] if ids is not None else i}, row {j}: {problem}{more}: "
+        raise DatasetError(f"{where} image {ids[i] if ids is not None else i}, row {j}: "
+                           f"{problem}{more}: "
                            f"{_numbers_text(rows[i, j].tolist())}. {fix[0].upper() + fix[1:]}.")
 
 
 # 6c. Reading d2l's on-disk format back, with clear errors
 
 def _csv_text(csv_path):
-    """The text of a CSV (or other text) file: UTF-8, with or without the BOM Excel writes; else DatasetError."""
+    """The text of a CSV (or other text) file: UTF-8, with or without the BOM Excel writes; else
+    DatasetError."""
     try:
         raw = pathlib.Path(csv_path).read_bytes()
     except OSError as error:
@@ -1140,7 +1155,8 @@ def _csv_table(csv_path, header):
     try:
         first = next(reader, None)
         if first is None or [field.strip() for field in first] != list(header):
-            hint = next((f" (the file seems to separate fields with {sep!r}: use ',')" for sep in (";", "\t")
+            hint = next((f" (the file seems to separate fields with {sep!r}: use ',')"
+                         for sep in (";", "\t")
                          if first and len(first) == 1 and sep in first[0]), "")
             raise DatasetError(f"{csv_path}: the header (row 1) must be {','.join(header)}, got "
                                f"{','.join(first) if first else 'an empty file'}{hint}")
@@ -1160,9 +1176,9 @@ def _csv_error_text(error):
     """What a csv.Error means for a user, and what to do."""
     text = str(error)
     if "field limit" in text or "several lines" in text or "EOF" in text:
-        return ('a field there starts with a double quote (") that is not closed on its row, so the rows after '
-                'it read as part of one field. Remove the stray quote, or put the whole field in quotes and '
-                'write each quote inside it as ""')
+        return ('a field there starts with a double quote (") that is not closed on its row, '
+                'so the rows after it read as part of one field. Remove the stray quote, '
+                'or put the whole field in quotes and write each quote inside it as ""')
     if "NUL" in text:
         return "it holds a NUL byte, so it is not CSV text. Save it as 'CSV UTF-8'"
     return f"not valid CSV ({text})"
@@ -1186,7 +1202,8 @@ def _read_label_csv(csv_path):
     for row_number, fields in _csv_table(csv_path, CSV_HEADER):
         where = f"{csv_path} row {row_number}"
         if len(fields) != len(CSV_HEADER):
-            raise DatasetError(f"{where}: expected {len(CSV_HEADER)} columns ({','.join(CSV_HEADER)}), "
+            raise DatasetError(f"{where}: expected {len(CSV_HEADER)} columns "
+                               f"({','.join(CSV_HEADER)}), "
                                f"got {len(fields)}: {fields}")
         name, label, box = fields[0], fields[1], _number_fields(fields[2:])
         if not name:
@@ -1219,8 +1236,9 @@ def read_detection_folder(folder, num_classes=None):
     for row_number, name, label, box in _read_label_csv(csv_path):
         key = _image_key(name)
         if key.casefold() in {other.casefold() for other in first_row if other != key}:
-            raise DatasetError(f"{csv_path} row {row_number}: image {name} differs from another image name "
-                               "only in case; on Windows and macOS they are one file. Rename one.")
+            raise DatasetError(f"{csv_path} row {row_number}: image {name} differs from another "
+                               "image name only in case; on Windows and macOS they are one file. "
+                               "Rename one.")
         first_row.setdefault(key, row_number)
         objects.setdefault(key, [])
         if label is not None or box is not None:
@@ -1236,7 +1254,8 @@ def read_detection_folder(folder, num_classes=None):
             earlier = [(other[1], list(other[2])) for other in rows[:k]]
             problems = label_problems(label, box, (width, height), num_classes, earlier=earlier)
             if problems:
-                raise DatasetError(f"{csv_path} row {row_number}: {problems[0][0]}; {problems[0][1]}")
+                raise DatasetError(f"{csv_path} row {row_number}: "
+                                   f"{problems[0][0]}; {problems[0][1]}")
         scale = torch.tensor([1.0, width, height, width, height])
         labels.append(torch.tensor([[label, *box] for _, label, box in rows]).reshape(-1, 5) / scale)
         images.append(image)
@@ -1517,7 +1536,8 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and what to do. Introduced in 08_prediction."""
 
 
-CHECKPOINT_MARKER = "tinyssd-checkpoint"  # save_checkpoint's mark; it replaces only files that carry it
+# save_checkpoint's mark; it replaces only files that carry it
+CHECKPOINT_MARKER = "tinyssd-checkpoint"
 
 
 def save_checkpoint(path, net, **extra):
@@ -1530,7 +1550,8 @@ def save_checkpoint(path, net, **extra):
     """
     path = pathlib.Path(path)
     if (path.exists() or path.is_symlink()) and not _is_checkpoint(path):
-        raise FileExistsError(f"{path} exists and was not written by save_checkpoint; nothing was written. "
+        raise FileExistsError(f"{path} exists and was not written by save_checkpoint; "
+                              "nothing was written. "
                               "Save the model under another name, or move that file away first.")
     state = {**extra, "made_by": CHECKPOINT_MARKER,
              "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
@@ -1601,7 +1622,8 @@ def train_step(net, optimizer, images, labels, config, device, use_bf16=False, u
 
 @torch.no_grad()
 def _step_or_undo(net, optimizer):
-    """optimizer.step(); if it leaves a weight NaN or inf, put weights and optimizer state back and say why."""
+    """optimizer.step(); if it leaves a weight NaN or inf, put weights and optimizer state back and
+    say why."""
     weights = [p.detach().clone() for p in net.parameters()]
     state = copy.deepcopy(optimizer.state_dict())  # e.g. momentum buffers
     optimizer.step()
@@ -1611,10 +1633,11 @@ def _step_or_undo(net, optimizer):
     for p, w in zip(net.parameters(), weights):
         p.copy_(w)
     optimizer.load_state_dict(state)
-    settings = {key: optimizer.param_groups[0].get(key) for key in ("lr", "momentum", "weight_decay")}
-    return (f"one SGD step made {bad[0]} NaN or inf although the loss and the gradients were finite: the "
-            f"step's size comes from the optimiser's settings {settings}, so lower the learning rate "
-            "(config.lr), or the momentum")
+    settings = {key: optimizer.param_groups[0].get(key)
+                for key in ("lr", "momentum", "weight_decay")}
+    return (f"one SGD step made {bad[0]} NaN or inf although the loss and the gradients were "
+            f"finite: the step's size comes from the optimiser's settings {settings}, so lower "
+            "the learning rate (config.lr), or the momentum")
 
 
 def _non_finite_loss(losses, ids):
@@ -1623,9 +1646,10 @@ def _non_finite_loss(losses, ids):
     if not bad:
         return None
     names = [int(ids[i]) if ids is not None else i for i in bad]
-    return (f"the loss is {losses[bad[0]].item()} for image(s) {names[:10]}{' ...' if len(bad) > 10 else ''}. "
-            "Their pixels and labels passed the checks, so the model's outputs overflowed: the learning "
-            "rate is likely too high for this loss; lower config.lr")
+    return (f"the loss is {losses[bad[0]].item()} for image(s) {names[:10]}"
+            f"{' ...' if len(bad) > 10 else ''}. "
+            "Their pixels and labels passed the checks, so the model's outputs overflowed: the "
+            "learning rate is likely too high for this loss; lower config.lr")
 
 
 def _epoch_summary(sums, num_examples, elapsed, lr):
@@ -1723,9 +1747,9 @@ def _train_epoch(net, optimizer, train_data, config, device, epoch, generator, t
         try:
             loss, counts = train_step(net, optimizer, X, Y, config, device, *precision, ids=idx)
         except FloatingPointError as error:
-            raise FloatingPointError(f"epoch {epoch + 1}, batch {batch + 1} (lr {lr:.3g}): {error}. Image "
-                                     "numbers are indices into train_data. The model is left as it was "
-                                     "before this batch.") from None
+            raise FloatingPointError(f"epoch {epoch + 1}, batch {batch + 1} (lr {lr:.3g}): "
+                                     f"{error}. Image numbers are indices into train_data. The "
+                                     "model is left as it was before this batch.") from None
         for key, value in counts.items():
             sums[key] += value
         sums["loss"] += loss * len(X)
@@ -1867,7 +1891,8 @@ def _read_checkpoint(path):
 
 
 def _is_checkpoint(path):
-    """True if ``path`` is a file save_checkpoint wrote (it carries CHECKPOINT_MARKER): one it may replace."""
+    """True if ``path`` is a file save_checkpoint wrote (it carries CHECKPOINT_MARKER): one it may
+    replace."""
     path = pathlib.Path(path)
     if path.is_symlink():
         return False
@@ -1925,7 +1950,8 @@ def _check_predictions(cls_preds, bbox_preds):
 
 def _check_detect_options(threshold, nms_threshold=0.5, size=256, max_size=1024):
     """ConfigError unless detect's options lie in their ranges."""
-    _check_fields("detect", dict(threshold=threshold, nms_threshold=nms_threshold, size=size, max_size=max_size), {
+    _check_fields("detect", dict(threshold=threshold, nms_threshold=nms_threshold, size=size,
+                                 max_size=max_size), {
         "threshold": (lambda v: _is_number(v, 0, 1), "a score in 0..1"),
         "nms_threshold": (lambda v: _is_number(v, 0, 1) and v > 0, "an IoU in 0..1, above 0"),
         "size": (lambda v: _is_number(v, 64, integer=True), "an integer >= 64 (pixels)"),
@@ -1967,9 +1993,10 @@ def _model_input(image, size=256, keep_aspect=True, max_size=1024):
         short, long = min(height, width), max(height, width)
         scale = max(min(size / short, max_size / long), 64 / short)
         if long * scale > max_size + 0.5:
-            raise DatasetError(f"the image is {width}x{height} pixels: with its short side at least 64 pixels "
-                               f"(what five blocks need) its long side would be {long * scale:.0f}, over "
-                               f"max_size={max_size}. Crop it into pieces, or pass a larger max_size.")
+            raise DatasetError(f"the image is {width}x{height} pixels: with its short side at "
+                               "least 64 pixels (what five blocks need) its long side would be "
+                               f"{long * scale:.0f}, over max_size={max_size}. Crop it into "
+                               "pieces, or pass a larger max_size.")
         new_size = (max(1, round(height * scale)), max(1, round(width * scale)))
     else:
         new_size = (size, size)
@@ -2534,8 +2561,8 @@ def _voc_records(root, split):
             continue
         image_id, where = line.split()[0], f"line {line_number}"
         if image_id in seen:
-            problems.append(_problem(list_file, where, f"id {image_id} is listed twice (first on line "
-                                     f"{seen[image_id]})", "list each image once"))
+            problems.append(_problem(list_file, where, f"id {image_id} is listed twice (first on "
+                                     f"line {seen[image_id]})", "list each image once"))
             continue
         seen[image_id] = line_number
         xml_path = root / "Annotations" / f"{image_id}.xml"
@@ -2554,27 +2581,34 @@ def _voc_record(root, image_id, xml_path, problems):
     try:
         node = ElementTree.fromstring(xml_path.read_bytes())
     except (ElementTree.ParseError, ValueError, LookupError, OSError) as error:
-        problems.append(_problem(xml_path, "", f"not valid XML ({error})", "fix or re-export the file"))
+        problems.append(_problem(xml_path, "", f"not valid XML ({error})",
+                                 "fix or re-export the file"))
         return None
     size = [(node.findtext(f"size/{tag}") or "").strip() for tag in ("width", "height")]
     numbers = _number_fields(size) if all(size) else None
-    if any(size) and (numbers is None or not all(_is_number(v, 0) and v == int(v) for v in numbers)):
-        problems.append(_problem(xml_path, "size", f"width and height must be whole numbers of pixels, got "
-                                 f"{size}", "write the image's size, or remove <size>"))
+    if any(size) and (numbers is None
+                      or not all(_is_number(v, 0) and v == int(v) for v in numbers)):
+        problems.append(_problem(xml_path, "size", "width and height must be whole numbers of "
+                                 f"pixels, got {size}", "write the image's size, or remove <size>"))
         numbers = None
     objects = []
     for k, obj in enumerate(node.findall("object"), start=1):
         where, bndbox = f"object {k}", obj.find("bndbox")
         texts = [(bndbox.findtext(t) or "").strip() if bndbox is not None else "" for t in
                  ("xmin", "ymin", "xmax", "ymax")]
-        written, difficult = _number_fields(texts), (obj.findtext("difficult") or "0").strip().lower()
+        written, difficult = (_number_fields(texts),
+                              (obj.findtext("difficult") or "0").strip().lower())
         if written is None:
-            problems.append(_problem(xml_path, where, f"<bndbox> needs four numbers xmin, ymin, xmax, ymax; got "
+            problems.append(_problem(xml_path, where,
+                                     f"<bndbox> needs four numbers xmin, ymin, xmax, ymax; got "
                                      f"{texts}", "write the box's four corners in pixels"))
         elif difficult not in ("0", "1", "false", "true"):
-            problems.append(_problem(xml_path, where, f"<difficult> must be 0 or 1, got {difficult!r}",
+            problems.append(_problem(xml_path, where,
+                                     f"<difficult> must be 0 or 1, got {difficult!r}",
                                      "write 0 or 1"))
-        else:  # VOC counts pixels from 1, and xmax is the last pixel inside; many tools write 0 for pixel 1
+        # VOC counts pixels from 1, and xmax is the last pixel inside;
+        # many tools write 0 for pixel 1
+        else:
             box = [v - 1 if v >= 1 else min(v, 0.0) for v in written[:2]] + written[2:]
             objects.append(_Object((obj.findtext("name") or "").strip() or None, box, written,
                                    difficult in ("1", "true"), where))
@@ -2584,7 +2618,8 @@ def _voc_record(root, image_id, xml_path, problems):
 
 
 def _read_coco_json(json_path):
-    """The dict of a COCO file, with lists under images, annotations and categories; else DatasetError."""
+    """The dict of a COCO file, with lists under images, annotations and categories; else
+    DatasetError."""
     try:
         data = json.loads(_csv_text(json_path))
     except json.JSONDecodeError as error:
@@ -2592,8 +2627,8 @@ def _read_coco_json(json_path):
     except RecursionError:
         raise DatasetError(f"{json_path}: nested too deeply to be a COCO file") from None
     if not isinstance(data, dict):
-        raise DatasetError(f"{json_path}: a COCO file is a JSON object with 'images', 'annotations' and "
-                           f"'categories', not a {type(data).__name__}")
+        raise DatasetError(f"{json_path}: a COCO file is a JSON object with 'images', "
+                           f"'annotations' and 'categories', not a {type(data).__name__}")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
             raise DatasetError(f"{json_path}: '{key}' must be a list, got "
@@ -2603,7 +2638,8 @@ def _read_coco_json(json_path):
 
 def _is_id(value):
     """True for a COCO id: an integer or a non-empty string (not a bool, float or list)."""
-    return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value != "")
+    return ((isinstance(value, int) and not isinstance(value, bool))
+            or (isinstance(value, str) and value != ""))
 
 
 def _coco_categories(json_path, categories, problems):
@@ -2612,14 +2648,16 @@ def _coco_categories(json_path, categories, problems):
     for index, category in enumerate(categories):
         where = f"categories[{index}]"
         if not isinstance(category, dict) or not _is_id(category.get("id")):
-            problems.append(_problem(json_path, where, "a category needs an integer 'id'", "fix the category"))
+            problems.append(_problem(json_path, where, "a category needs an integer 'id'",
+                                     "fix the category"))
             continue
         name, where = category.get("name"), f"category id {category['id']}"
         if not isinstance(name, str) or not name.strip():
             problems.append(_problem(json_path, where, f"a category needs a 'name', got {name!r}",
                                      "give the category a name"))
         elif category["id"] in found or name in names:
-            problems.append(_problem(json_path, where, f"another category has the id {category['id']!r} or the "
+            problems.append(_problem(json_path, where,
+                                     f"another category has the id {category['id']!r} or the "
                                      f"name {name!r}", "give each category its own id and name"))
         else:
             found[category["id"]] = name
@@ -2628,28 +2666,34 @@ def _coco_categories(json_path, categories, problems):
 
 
 def _coco_images(json_path, images, image_dir, problems):
-    """{image id: record} of the well-formed images; problems for the others (a duplicated id among them)."""
+    """{image id: record} of the well-formed images; problems for the others (a duplicated id among
+    them)."""
     by_id, by_file = {}, {}
     for index, image in enumerate(images):
         where = f"images[{index}]"
         if not isinstance(image, dict) or not _is_id(image.get("id")):
-            problems.append(_problem(json_path, where, "an image needs an integer 'id'", "fix the image entry"))
+            problems.append(_problem(json_path, where, "an image needs an integer 'id'",
+                                     "fix the image entry"))
             continue
         name, where = image.get("file_name"), f"image id {image['id']}"
         size = (image.get("width"), image.get("height"))
         if not isinstance(name, str) or not name.strip():
-            problems.append(_problem(json_path, where, f"an image needs a 'file_name', got {name!r}",
+            problems.append(_problem(json_path, where,
+                                     f"an image needs a 'file_name', got {name!r}",
                                      "write the image's path"))
         elif not all(v is None or _is_number(v, 0, integer=True) for v in size):
-            problems.append(_problem(json_path, where, f"width and height must be whole numbers, got {size}",
+            problems.append(_problem(json_path, where,
+                                     f"width and height must be whole numbers, got {size}",
                                      "write the image's size, or leave them out", name))
         elif image["id"] in by_id:
-            problems.append(_problem(json_path, where, f"image id {image['id']!r} is also the id of "
-                                     f"{by_id[image['id']].file.name}, so their annotations cannot be told "
-                                     "apart", "give each image its own id", name))
+            problems.append(_problem(json_path, where, f"image id {image['id']!r} is also the id "
+                                     f"of {by_id[image['id']].file.name}, so their annotations "
+                                     "cannot be told apart", "give each image its own id", name))
         elif _image_key(name) in by_file:
-            problems.append(_problem(json_path, where, f"{name} is also listed as {by_file[_image_key(name)]}",
-                                     "list each image once, with all its annotations under one id", name))
+            problems.append(_problem(json_path, where,
+                                     f"{name} is also listed as {by_file[_image_key(name)]}",
+                                     "list each image once, with all its annotations under one id",
+                                     name))
         else:
             by_id[image["id"]] = _Record(image_dir / _image_key(name), [], json_path, where, size)
             by_file[_image_key(name)] = where
@@ -2662,27 +2706,33 @@ def _coco_records(json_path, image_dir):
     categories = _coco_categories(json_path, data["categories"], problems)
     by_id = _coco_images(json_path, data["images"], image_dir, problems)
     for index, ann in enumerate(data["annotations"]):
-        where = f"annotation id {ann['id']}" if isinstance(ann, dict) and _is_id(ann.get("id")) else \
-            f"annotations[{index}]"
+        where = (f"annotation id {ann['id']}" if isinstance(ann, dict) and _is_id(ann.get("id"))
+                 else f"annotations[{index}]")
         ann = ann if isinstance(ann, dict) else {}
         image_id, category_id, bbox = ann.get("image_id"), ann.get("category_id"), ann.get("bbox")
         record = by_id.get(image_id) if _is_id(image_id) else None
         if record is None:
-            problems.append(_problem(json_path, where, f"image_id {image_id!r} is not the id of a readable image",
+            problems.append(_problem(json_path, where,
+                                     f"image_id {image_id!r} is not the id of a readable image",
                                      "fix the id, or the image's entry in 'images'"))
         elif not _is_id(category_id) or category_id not in categories:
-            problems.append(_problem(json_path, where, f"unknown category_id {category_id!r} (known: "
-                                     f"{list(categories)})", "fix the id or add the category", record.file.name))
+            problems.append(_problem(json_path, where,
+                                     f"unknown category_id {category_id!r} (known: "
+                                     f"{list(categories)})", "fix the id or add the category",
+                                     record.file.name))
         elif not (isinstance(bbox, list) and len(bbox) == 4 and all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
-            problems.append(_problem(json_path, where, f"bbox must be four numbers [x, y, width, height], got "
+            problems.append(_problem(json_path, where,
+                                     f"bbox must be four numbers [x, y, width, height], got "
                                      f"{json.dumps(bbox)[:60]}", "fix the box", record.file.name))
         elif ann.get("iscrowd", 0) not in (0, 1):
-            problems.append(_problem(json_path, where, f"iscrowd must be 0 or 1, got {ann['iscrowd']!r}",
+            problems.append(_problem(json_path, where,
+                                     f"iscrowd must be 0 or 1, got {ann['iscrowd']!r}",
                                      "write 0 or 1", record.file.name))
         else:  # COCO boxes are (x, y, width, height)
             box = [bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1] + bbox[3]]
-            record.objects.append(_Object(categories[category_id], box, bbox, bool(ann.get("iscrowd", 0)), where))
+            record.objects.append(_Object(categories[category_id], box, bbox,
+                                          bool(ann.get("iscrowd", 0)), where))
     return list(by_id.values()), problems, tuple(categories.values())
 
 
@@ -2692,14 +2742,17 @@ def _csv_records(csv_path, image_dir):
     for row_number, fields in _csv_table(csv_path, CSV_DATASET_HEADER):
         where = f"row {row_number}"
         if len(fields) != len(CSV_DATASET_HEADER):
-            problems.append(_problem(csv_path, where, f"expected 6 columns, got {len(fields)}: {fields}",
+            problems.append(_problem(csv_path, where,
+                                     f"expected 6 columns, got {len(fields)}: {fields}",
                                      "one row per box: image,class,xmin,ymin,xmax,ymax"))
             continue
         name, label, written = fields[0], fields[1], _number_fields(fields[2:])
         if not name:
-            problems.append(_problem(csv_path, where, "the image name is empty", "write the image's path"))
+            problems.append(_problem(csv_path, where, "the image name is empty",
+                                     "write the image's path"))
             continue
-        record = by_image.setdefault(_image_key(name), _Record(image_dir / _image_key(name), [], csv_path, where))
+        record = by_image.setdefault(_image_key(name),
+                                     _Record(image_dir / _image_key(name), [], csv_path, where))
         if all(field == "" for field in fields[1:]):
             continue  # an image without objects
         if written is None:
@@ -2714,7 +2767,8 @@ def _records(path, split, image_dir):
     """(records, problems, class names or None) of a VOC folder, a COCO .json or a .csv file."""
     path = pathlib.Path(path)
     if not path.exists():
-        raise DatasetError(f"{path} does not exist: expected a VOC folder, a COCO .json file or a .csv file")
+        raise DatasetError(f"{path} does not exist: expected a VOC folder, a COCO .json file or a "
+                           ".csv file")
     if path.is_dir() and (path / "Annotations").is_dir():
         return _voc_records(path, split)
     if image_dir is not None and not pathlib.Path(image_dir).is_dir():
@@ -2750,23 +2804,28 @@ def _scan(records, class_names, size):
     for record in records:
         spelling = seen.setdefault(str(record.file).casefold(), record)
         if spelling is not record:
-            problems.append(_problem(record.source, record.where, f"{record.file.name} is the same image as "
-                                     f"{spelling.file.name} ({spelling.where}) on Windows and macOS",
-                                     "give each image one name, spelled the same way", record.file.name))
+            problems.append(_problem(record.source, record.where,
+                                     f"{record.file.name} is the same image as "
+                                     f"{spelling.file.name} ({spelling.where}) on Windows and "
+                                     "macOS", "give each image one name, spelled the same way",
+                                     record.file.name))
             continue
         pixels, image_problem = _open_record_image(record)
         if image_problem:
             problems.append(image_problem)
         height, width = pixels.shape[1:] if pixels is not None else (None, None)
-        if pixels is not None and record.size and all(record.size) and tuple(record.size) != (width, height):
+        if (pixels is not None and record.size and all(record.size)
+                and tuple(record.size) != (width, height)):
             problems.append(_problem(record.source, record.where, f"the annotation says {record.size[0]}x"
                                      f"{record.size[1]}, the image is {width}x{height}",
                                      "check that the boxes belong to this image", record.file.name))
         rows, flags = [], []
         for obj in record.objects:
-            found = label_problems(obj.name, obj.box, None if pixels is None else (width, height), class_names,
-                                   written=obj.written, earlier=[(class_names[r[0]], r[1:]) for r in rows])
-            problems += [_problem(record.source, obj.where, *pair, record.file.name) for pair in found]
+            found = label_problems(obj.name, obj.box, None if pixels is None else (width, height),
+                                   class_names, written=obj.written,
+                                   earlier=[(class_names[r[0]], r[1:]) for r in rows])
+            problems += [_problem(record.source, obj.where, *pair, record.file.name)
+                         for pair in found]
             if not found:
                 rows.append([class_ids[obj.name], *obj.box])
                 flags.append(obj.difficult)
@@ -2789,8 +2848,8 @@ def _open_record_image(record):
         text = str(error).split(": ", 1)[-1].replace(str(record.file), record.file.name)
         fix = "fix, replace or remove the image"
         if not record.file.is_file():
-            fix = (f"check the path: it is read as {record.file}. COCO and CSV paths are relative to the "
-                   "annotation file's folder, or to image_dir (--image-dir in the shell)")
+            fix = (f"check the path: it is read as {record.file}. COCO and CSV paths are relative "
+                   "to the annotation file's folder, or to image_dir (--image-dir in the shell)")
             fix += "; write / between folders, not \\" if "\\" in str(record.file) else ""
         return None, _problem(record.source, record.where, text, fix, record.file.name)
 
@@ -2799,7 +2858,8 @@ def _class_names(records, names_from_file, class_names):
     """The class names: given, else from the file (COCO), else every name used, sorted."""
     if class_names is not None:
         if not _class_names_ok(class_names, len(class_names)) or not class_names:
-            raise ConfigError(f"class_names must be distinct, non-empty strings, got {class_names!r}")
+            raise ConfigError("class_names must be distinct, non-empty strings, got "
+                              f"{class_names!r}")
         return tuple(class_names)
     if names_from_file is not None:
         return names_from_file
@@ -3032,7 +3092,8 @@ def _image_files(sources):
     for source in map(pathlib.Path, sources):
         if not source.exists():
             raise FileNotFoundError(f"{source} does not exist; nothing was written")
-        found = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()) \
+        found = sorted(p for p in source.iterdir()
+                       if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()) \
             if source.is_dir() else [source]
         for path in found:
             if path.resolve() not in seen:
@@ -3052,25 +3113,29 @@ def _drawing_names(files):
     if clash:
         common = pathlib.Path(os.path.commonpath([path.resolve().parent for path in files]))
         names = [f"{str(path.resolve().relative_to(common)).replace(os.sep, '_').replace('.', '_')}"
-                 f"_detections.png" if name.casefold() in clash else name for path, name in zip(files, names)]
+                 f"_detections.png" if name.casefold() in clash else name
+                 for path, name in zip(files, names)]
     taken = [name.casefold() for name in names]
-    return [name if taken.count(name.casefold()) == 1 else f"{i}_{name}" for i, name in enumerate(names)]
+    return [name if taken.count(name.casefold()) == 1 else f"{i}_{name}"
+            for i, name in enumerate(names)]
 
 
 def _check_out_dir(out_dir, sources, names):
-    """Refuse an output folder that is a file, an input folder, another helper's folder, or that holds a
-    file of these names the series did not write (or that changed since). Returns its recorded files."""
+    """Refuse an output folder that is a file, an input folder, another helper's folder, or that
+    holds a file of these names the series did not write (or that changed since). Returns its
+    recorded files."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} is a file, not a folder; nothing was written. Pass a folder for the "
-                              "drawn images and detections.csv.")
+        raise FileExistsError(f"{out_dir} is a file, not a folder; nothing was written. "
+                              "Pass a folder for the drawn images and detections.csv.")
     for source in map(pathlib.Path, sources):
         if source.is_dir() and out_dir.resolve().is_relative_to(source.resolve()):
-            raise FileExistsError(f"{out_dir} is (inside) the input folder {source}; nothing was written. "
+            raise FileExistsError(f"{out_dir} is (inside) the input folder {source}; "
+                                  "nothing was written. "
                                   "Pass another folder, so that drawings are never read as photos.")
     manifest = _read_manifest(out_dir) if out_dir.is_dir() else None
     if manifest is not None and manifest.get("kind") != "detections":
-        raise FileExistsError(f"{out_dir} holds a {manifest.get('kind')} the series made; nothing was written. "
-                              "Pass another folder.")
+        raise FileExistsError(f"{out_dir} holds a {manifest.get('kind')} the series made; "
+                              "nothing was written. Pass another folder.")
     recorded = dict(manifest["files"]) if manifest is not None else {}
     found = []
     for name in names:
@@ -3080,8 +3145,9 @@ def _check_out_dir(out_dir, sources, names):
         elif path.exists() and not _is_unchanged(path, recorded[name]):
             found.append((path, "changed since detect_folder wrote it"))
     if found:
-        raise FileExistsError(f"{out_dir} holds files detect_folder would replace: {_listing(out_dir, found)}. "
-                              "Nothing was written. Choose another output folder, or move them away.")
+        raise FileExistsError(f"{out_dir} holds files detect_folder would replace: "
+                              f"{_listing(out_dir, found)}. Nothing was written. Choose another "
+                              "output folder, or move them away.")
     return recorded
 
 
@@ -3097,14 +3163,16 @@ def detect_folder(net, sources, out_dir, class_names=None, threshold=0.5, echo=N
     """
     out_dir, files = pathlib.Path(out_dir), _image_files(sources)
     if not files:
-        raise DatasetError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, sources))}")
+        raise DatasetError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in "
+                           f"{', '.join(map(str, sources))}")
     _check_detect_options(threshold)
     names = _drawing_names(files)
     recorded = _check_out_dir(out_dir, sources, [*names, "detections.csv"])
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, read = [], 0
     try:
-        for path, name in zip(tqdm.auto.tqdm(files, desc="detecting", disable=echo is not None), names):
+        for path, name in zip(tqdm.auto.tqdm(files, desc="detecting", disable=echo is not None),
+                              names):
             try:
                 pixels = open_image(path, str(path), exif="apply")
                 detections = detect(net, pixels, threshold)
@@ -3119,9 +3187,11 @@ def detect_folder(net, sources, out_dir, class_names=None, threshold=0.5, echo=N
                 if echo is not None:
                     echo(f"{path}\t{rows[-1][1]}\t{score:.2f}\t" + " ".join(rows[-1][3:]))
         if read == 0:
-            raise DatasetError(f"none of the {len(files)} images could be read, so nothing was drawn")
+            raise DatasetError(f"none of the {len(files)} images could be read, "
+                               "so nothing was drawn")
         with open(out_dir / "detections.csv", "w", newline="") as f:
-            csv.writer(f, lineterminator="\n").writerows([("image", "class", "score", *CSV_DATASET_HEADER[2:]),
+            csv.writer(f, lineterminator="\n").writerows([("image", "class", "score",
+                                                           *CSV_DATASET_HEADER[2:]),
                                                           *rows])
         recorded["detections.csv"] = _file_record(out_dir / "detections.csv")
     finally:  # also after Ctrl-C: what was drawn is recorded, so a new run may replace it
@@ -3145,8 +3215,8 @@ def main(argv=None):
     """The shell commands: ``python -m ssd_helpers detect MODEL IMAGES... --out DIR`` and ``validate PATH``.
     Introduced in 11_your_own_data.
 
-    Exit status: 0 done; 1 validate found problems; 2 an error (printed as ``error: ...``), such as a
-    missing input, no image that could be read, or an option out of range.
+    Exit status: 0 done; 1 validate found problems; 2 an error (printed as ``error: ...``), such as
+    a missing input, no image that could be read, or an option out of range.
     """
     import argparse
     import sys
@@ -3155,15 +3225,15 @@ def main(argv=None):
     run = commands.add_parser("detect", help="detect objects in images and folders with a trained model")
     run.add_argument("model", help="a checkpoint saved by train_ssd or save_checkpoint")
     run.add_argument("images", nargs="+", help="image files or folders of images")
-    run.add_argument("--out", required=True, help="a folder for the drawn images and detections.csv (not an "
-                     "input folder)")
-    run.add_argument("--threshold", type=_score, default=0.5, help="lowest score to keep, in (0, 1] "
-                     "(default 0.5)")
+    run.add_argument("--out", required=True, help="a folder for the drawn images and "
+                     "detections.csv (not an input folder)")
+    run.add_argument("--threshold", type=_score, default=0.5, help="lowest score to keep, in "
+                     "(0, 1] (default 0.5)")
     check = commands.add_parser("validate", help="report every problem of a VOC, COCO or CSV dataset")
     check.add_argument("path", help="a VOC folder, a COCO .json or a .csv")
     check.add_argument("--split", default="train", help="VOC split (default train)")
-    check.add_argument("--image-dir", help="where the images of a COCO or CSV file are (default: the file's "
-                       "folder)")
+    check.add_argument("--image-dir", help="where the images of a COCO or CSV file are (default: "
+                       "the file's folder)")
     args = parser.parse_args(argv)
     try:
         with _sigterm_as_exit():
@@ -3171,12 +3241,14 @@ def main(argv=None):
                 net, config = load_model(args.model)
                 rows = detect_folder(net, args.images, args.out, config.class_names, args.threshold,
                                      echo=print)
-                print(f"{len(rows)} detections; drawn images and detections.csv in {args.out}", file=sys.stderr)
+                print(f"{len(rows)} detections; drawn images and detections.csv in {args.out}",
+                      file=sys.stderr)
                 return 0
             report = validate_dataset(args.path, split=args.split, image_dir=args.image_dir)
             print(report)
             return 0 if report.ok else 1
-    except (DatasetError, CheckpointError, ConfigError, FileExistsError, FileNotFoundError) as error:
+    except (DatasetError, CheckpointError, ConfigError, FileExistsError,
+            FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -4211,11 +4283,11 @@ def _default_workers():
     return min(cores, 8)
 
 
-# Ownership. Whatever the series writes into a folder (a dataset, an export, detect_folder's drawings, a
-# notebook's scratch folder) is recorded there, in MANIFEST_FILE: each file's path, size and SHA-256. A
-# rebuild removes or replaces only files that are in that record and unchanged since; any other file, or a
-# changed one, stops it before it touches anything. Names prove nothing. Checkpoints and ONNX files carry
-# their marker inside instead (save_checkpoint, export_onnx).
+# Ownership. Whatever the series writes into a folder (a dataset, an export, detect_folder's
+# drawings, a notebook's scratch folder) is recorded there, in MANIFEST_FILE: each file's path, size
+# and SHA-256. A rebuild removes or replaces only files that are in that record and unchanged since;
+# any other file, or a changed one, stops it before it touches anything. Names prove nothing.
+# Checkpoints and ONNX files carry their marker inside instead (save_checkpoint, export_onnx).
 
 MANIFEST_FILE = ".tinyssd-manifest.json"
 MADE_BY = "tinyssd-notebooks"
@@ -4231,9 +4303,11 @@ def _file_record(path):
 
 
 def _read_manifest(folder):
-    """The manifest of ``folder`` (made_by, kind, params, files), or None if it has none the series wrote.
+    """The manifest of ``folder`` (made_by, kind, params, files), or None if it has none the series
+    wrote.
 
-    files: {relative POSIX path: _file_record}, or None for a scratch folder, all of which is a notebook's.
+    files: {relative POSIX path: _file_record}, or None for a scratch folder, all of which is a
+    notebook's.
     """
     path = pathlib.Path(folder) / MANIFEST_FILE
     if path.is_symlink() or not path.is_file():
@@ -4256,9 +4330,11 @@ def _write_manifest(folder, kind, params=None, files="all"):
     """
     folder = pathlib.Path(folder)
     if files == "all":
-        files = {p.relative_to(folder).as_posix(): _file_record(p) for p in sorted(folder.rglob("*"))
+        files = {p.relative_to(folder).as_posix(): _file_record(p)
+                 for p in sorted(folder.rglob("*"))
                  if p.is_file() and p.name != MANIFEST_FILE}
-    text = json.dumps({"made_by": MADE_BY, "kind": kind, "params": params, "files": files}, indent=1)
+    text = json.dumps({"made_by": MADE_BY, "kind": kind, "params": params, "files": files},
+                      indent=1)
     fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_FILE}.", dir=folder)
     with os.fdopen(fd, "w") as f:
         f.write(text + "\n")
@@ -4274,12 +4350,13 @@ def _is_unchanged(path, record):
 def _unowned_files(folder, files=(), base=None):
     """[(path, why)] for every file under ``folder`` the series may not remove.
 
-    Each file must be recorded, unchanged, in the manifest of its nearest folder that has one. A link,
-    or a file that no manifest lists, is the user's.
+    Each file must be recorded, unchanged, in the manifest of its nearest folder that has one. A
+    link, or a file that no manifest lists, is the user's.
     """
     folder = pathlib.Path(folder)
     manifest = _read_manifest(folder)
-    if manifest is not None and manifest["files"] is None:  # a scratch folder: all of it is a notebook's
+    # a scratch folder: all of it is a notebook's
+    if manifest is not None and manifest["files"] is None:
         return []
     if manifest is not None:
         files, base = manifest["files"], folder
@@ -4300,34 +4377,37 @@ def _unowned_files(folder, files=(), base=None):
 
 def _listing(root, found, limit=8):
     """'a.png (why), b/c.csv (why), ...' with paths relative to root."""
-    shown = [f"{pathlib.Path(path).relative_to(root).as_posix()} ({why})" for path, why in found[:limit]]
+    shown = [f"{pathlib.Path(path).relative_to(root).as_posix()} ({why})"
+             for path, why in found[:limit]]
     return ", ".join(shown) + (f" and {len(found) - limit} more" if len(found) > limit else "")
 
 
 def _check_replaceable(root, advice="Pass a new or empty folder."):
     """Raise FileExistsError unless the series may remove everything in ``root``.
 
-    It may when root does not exist, is an empty folder, or holds only files that the manifests in it
-    record and that nobody changed since. Anything else is the user's and is never deleted.
+    It may when root does not exist, is an empty folder, or holds only files that the manifests in
+    it record and that nobody changed since. Anything else is the user's and is never deleted.
     """
     root = pathlib.Path(root)
     if not root.exists() and not root.is_symlink():
         return
     if pathlib.Path.cwd().resolve().is_relative_to(root.resolve()):
-        raise FileExistsError(f"{root} is the current folder (or holds it): pass a new subfolder, such as "
-                              "'data/bananas'. Nothing was changed.")
+        raise FileExistsError(f"{root} is the current folder (or holds it): pass a new subfolder, "
+                              "such as 'data/bananas'. Nothing was changed.")
     if root.is_symlink() or not root.is_dir():
         raise FileExistsError(f"{root} exists and is not a folder; nothing was changed. {advice}")
     found = _unowned_files(root)
     if found:
-        raise FileExistsError(f"{root} holds files that the series did not write, or that were changed since: "
+        raise FileExistsError(f"{root} holds files that the series did not write, or that were "
+                              "changed since: "
                               f"{_listing(root, found)}. Nothing was changed. {advice}")
 
 
 @contextlib.contextmanager
 def _sigterm_as_exit():
-    """Within the block, SIGTERM (a `kill`, a closed terminal) raises SystemExit, so that `finally` clauses
-    remove temporary files. Only the main thread can handle signals; elsewhere this does nothing."""
+    """Within the block, SIGTERM (a `kill`, a closed terminal) raises SystemExit, so that `finally`
+    clauses remove temporary files. Only the main thread can handle signals; elsewhere this does
+    nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -4370,9 +4450,10 @@ def _build_atomically(root, params, write):
     """Create the folder `root` all at once, or reuse a finished one made with the same params.
 
     Otherwise write(tmp) fills a fresh temporary sibling folder, the manifest of every file in it is
-    written last, and the folder is renamed to root. root is replaced only if everything in it is the
-    series' own and unchanged (_check_replaceable): otherwise FileExistsError before anything is written.
-    A crash, an error, Ctrl-C or SIGTERM never leaves a half-written root behind. Returns root (Path).
+    written last, and the folder is renamed to root. root is replaced only if everything in it is
+    the series' own and unchanged (_check_replaceable): otherwise FileExistsError before anything is
+    written. A crash, an error, Ctrl-C or SIGTERM never leaves a half-written root behind. Returns
+    root (Path).
     """
     root = pathlib.Path(os.path.abspath(root))
     if _is_complete(root, params):
