@@ -942,7 +942,8 @@ def image_to_uint8(image, where="image"):
       viewer shows them. Transparent pixels become white.
     """
     if isinstance(image, Image.Image):
-        pixels, layout = _pil_pixels(ImageOps.exif_transpose(image), where), "HWC"
+        pixels = _pil_pixels(ImageOps.exif_transpose(image), where)  # (H, W) or (H, W, C): no guessing
+        pixels, layout = (pixels[..., None] if pixels.ndim == 2 else pixels), "PIL"
     elif isinstance(image, np.ndarray):
         pixels, layout = image, "HWC"
     elif isinstance(image, torch.Tensor):
@@ -952,7 +953,7 @@ def image_to_uint8(image, where="image"):
     else:
         raise DatasetError(f"{where}: expected a file path, a PIL image, a numpy array or a tensor, "
                            f"got {type(image).__name__}")
-    pixels = _channels_last(pixels, layout, where)  # (H, W, C)
+    pixels = pixels if layout == "PIL" else _channels_last(pixels, layout, where)  # (H, W, C)
     if pixels.dtype == np.uint8 and pixels.shape[-1] == 3:
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
     values = _pixel_values(pixels, where)
@@ -1910,6 +1911,9 @@ def _check_state_dict(path, state, net):
         raise CheckpointError(f"{path}: its weights do not match its config: missing {missing[:3]}, "
                               f"unexpected {extra[:3]}")
     for key, value in expected.items():
+        if not isinstance(state[key], torch.Tensor):
+            raise CheckpointError(f"{path}: {key} is a {type(state[key]).__name__} in the file, not a "
+                                  "tensor; save models with save_checkpoint(path, net)")
         if tuple(state[key].shape) != tuple(value.shape):
             hint = ""
             if key == "cls_heads.0.weight":
@@ -2637,9 +2641,10 @@ def _read_coco_json(json_path):
 
 
 def _is_id(value):
-    """True for a COCO id: an integer or a non-empty string (not a bool, float or list)."""
-    return ((isinstance(value, int) and not isinstance(value, bool))
-            or (isinstance(value, str) and value != ""))
+    """True for a COCO id: an integer, as COCO defines it (not a string, bool, float or list).
+
+    Ids of mixed kinds would make the order of the category ids, and so the class ids, a guess."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _coco_categories(json_path, categories, problems):
@@ -2662,7 +2667,7 @@ def _coco_categories(json_path, categories, problems):
         else:
             found[category["id"]] = name
             names.add(name)
-    return dict(sorted(found.items(), key=lambda item: (isinstance(item[0], str), item[0])))
+    return dict(sorted(found.items()))
 
 
 def _coco_images(json_path, images, image_dir, problems):
@@ -2769,17 +2774,22 @@ def _records(path, split, image_dir):
     if not path.exists():
         raise DatasetError(f"{path} does not exist: expected a VOC folder, a COCO .json file or a "
                            ".csv file")
-    if path.is_dir() and (path / "Annotations").is_dir():
-        return _voc_records(path, split)
     if image_dir is not None and not pathlib.Path(image_dir).is_dir():
         raise DatasetError(f"the image folder {image_dir} (image_dir) is not a folder")
     image_dir = pathlib.Path(image_dir) if image_dir is not None else path.parent
-    if path.suffix.lower() == ".json" and path.is_file():
-        return _coco_records(path, image_dir)
-    if path.suffix.lower() == ".csv" and path.is_file():
-        return _csv_records(path, image_dir)
-    raise DatasetError(f"{path}: expected a VOC folder (with Annotations/, JPEGImages/ and ImageSets/Main/), "
-                       "a COCO .json file or a .csv file")
+    if path.is_dir() and (path / "Annotations").is_dir():
+        source, (records, problems, names) = (path / "ImageSets" / "Main" / f"{split}.txt",
+                                              _voc_records(path, split))
+    elif path.suffix.lower() == ".json" and path.is_file():
+        source, (records, problems, names) = path, _coco_records(path, image_dir)
+    elif path.suffix.lower() == ".csv" and path.is_file():
+        source, (records, problems, names) = path, _csv_records(path, image_dir)
+    else:
+        raise DatasetError(f"{path}: expected a VOC folder (with Annotations/, JPEGImages/ and "
+                           "ImageSets/Main/), a COCO .json file or a .csv file")
+    if not records and not problems:
+        problems.append(_problem(source, "", "lists no images", "add the images and their labels"))
+    return records, problems, names
 
 
 def _letterbox(pixels, size):
