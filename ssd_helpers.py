@@ -1726,9 +1726,18 @@ def _check_before_training(net, train_data, val_data):
         raise FloatingPointError(f"the model already holds NaN or inf (in {bad[0]}) before training: start from a "
                                  "new TinySSD or reload a checkpoint with load_model")
     for name, data in (("train_data", train_data), ("val_data", val_data)):
-        if data is not None:
-            check_images(data[0], name)
-            check_labels(data[1], net.config.num_classes, name)
+        if data is None:
+            continue
+        if not (isinstance(data, (tuple, list)) and len(data) == 2
+                and all(isinstance(t, torch.Tensor) for t in data)):
+            raise DatasetError(f"{name} must be (images, labels), two tensors as read_detection_folder "
+                               f"returns, or (data.images, data.labels) of read_dataset; got "
+                               f"{type(data).__name__}")
+        if len(data[0]) != len(data[1]) or len(data[0]) == 0:
+            raise DatasetError(f"{name} holds {len(data[0])} images and {len(data[1])} labels: it needs "
+                               "at least one image, and one label tensor per image")
+        check_images(data[0], name)
+        check_labels(data[1], net.config.num_classes, name)
 
 
 def _train_epoch(net, optimizer, train_data, config, device, epoch, generator, transform, precision, bar):

@@ -567,3 +567,18 @@ def test_shell_detect_refuses_out_that_is_the_input_folder(model, tmp_path, caps
     assert code == 2 and capsys.readouterr().err.startswith("error:")
     assert snapshot(folder) == before and sorted(p.name for p in folder.iterdir()) == [
         "beach.png", "hill.jpg"]
+
+
+# ------------------------------------------------------------------ data of the wrong shape, in memory
+
+@pytest.mark.parametrize("data, message", [
+    (lambda images, labels: [images], "must be \\(images, labels\\), two tensors"),
+    (lambda images, labels: (images, labels[:-1]), "holds 2 images and 1 labels"),
+    (lambda images, labels: (images[:0], labels[:0]), "holds 0 images"),
+])
+def test_train_ssd_names_data_of_the_wrong_shape(data, message):
+    images = torch.zeros(2, 3, 64, 64, dtype=torch.uint8)
+    labels = torch.tensor([[[0, 0.2, 0.2, 0.6, 0.6]]] * 2)
+    net = H.TinySSD(H.default_config())
+    with pytest.raises(H.DatasetError, match=message):
+        H.train_ssd(net, data(images, labels), H.TrainConfig(epochs=1, bf16="off"), CPU, progress=False)
