@@ -48,7 +48,6 @@ import numbers
 import os
 import pathlib
 import random
-import re
 import shutil
 import signal
 import tempfile

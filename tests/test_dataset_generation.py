@@ -1,7 +1,6 @@
 """The offline banana dataset (notebook 06): sprites, exact boxes, determinism, atomic writes."""
 import csv
 import hashlib
-import os
 import pathlib
 import signal
 import subprocess
