@@ -203,7 +203,7 @@ class SSDConfig:
                           "None or 3 numbers > 0"),
             "class_names": (lambda v: _class_names_ok(v, n),
                             f"None or {n} distinct, non-empty strings"),
-            "first_stride": (lambda v: v in (1, 2) and not isinstance(v, bool),
+            "first_stride": (lambda v: _is_number(v, 1, 2, integer=True),
                              "1 (the book's) or 2"),
         })
 
@@ -1924,7 +1924,7 @@ def _check_state_dict(path, state, net):
                                   "tensor; save models with save_checkpoint(path, net)")
         if tuple(state[key].shape) != tuple(value.shape):
             hint = ""
-            if key == "cls_heads.0.weight":
+            if key == "cls_heads.0.weight" and state[key].ndim == value.ndim:
                 classes = state[key].shape[0] // net.config.num_anchors - 1
                 hint = f"; the weights are for num_classes={classes}, its config says {net.config.num_classes}"
             raise CheckpointError(f"{path}: {key} is {tuple(state[key].shape)} in the file, the model built "

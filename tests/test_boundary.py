@@ -582,3 +582,18 @@ def test_train_ssd_names_data_of_the_wrong_shape(data, message):
     net = H.TinySSD(H.default_config())
     with pytest.raises(H.DatasetError, match=message):
         H.train_ssd(net, data(images, labels), H.TrainConfig(epochs=1, bf16="off"), CPU, progress=False)
+
+
+def test_load_model_names_a_float_stride_and_a_weight_of_no_dimensions(tmp_path):
+    """Two checkpoints the fuzzing found: first_stride 2.0 was kept as a float, and a 0-dim head
+    weight raised IndexError from the hint about the number of classes."""
+    path = tmp_path / "model.pt"
+    H.save_checkpoint(path, H.TinySSD(H.default_config()))
+    for edit, message in [(lambda c: c["config"].update(first_stride=2.0), "first_stride"),
+                          (lambda c: c["state_dict"].update({"cls_heads.0.weight": torch.tensor(1.0)}),
+                           "cls_heads.0.weight")]:
+        checkpoint = torch.load(path, weights_only=True)
+        edit(checkpoint)
+        torch.save(checkpoint, tmp_path / "edited.pt")
+        with pytest.raises(H.CheckpointError, match=message):
+            H.load_model(tmp_path / "edited.pt")
