@@ -3374,9 +3374,14 @@ def export_onnx(net, path, nms_threshold=0.5, max_side=2048):
     onnx.helper.set_model_props(model, {ONNX_MARKER: json.dumps({"num_classes": net.config.num_classes,
                                                                  "class_names": net.config.class_names})})
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(model.SerializeToString())
-    os.replace(tmp.name, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.SerializeToString())
+        os.replace(tmp, path)
+    finally:  # after an error or Ctrl-C the temporary file is gone too
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
 
 
