@@ -132,7 +132,11 @@ def _is_number(value, low=-math.inf, high=math.inf, integer=False):
     """True if ``value`` is a finite number in [low, high] (an integer if asked). Bools are not
     numbers."""
     kind = numbers.Integral if integer else numbers.Real
-    return (isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+    try:
+        finite = math.isfinite(value)
+    except (TypeError, OverflowError):  # not a number, or an integer too large for a float
+        return False
+    return (isinstance(value, kind) and not isinstance(value, bool) and finite
             and low <= value <= high)
 
 
@@ -847,6 +851,14 @@ class DatasetError(ValueError):
     """
 
 
+def _exists(path):
+    """path.exists(), but False for a path the system cannot look up (a name too long, a NUL)."""
+    try:
+        return pathlib.Path(path).exists()
+    except (OSError, ValueError):
+        return False
+
+
 EXIF_ORIENTATION = 0x0112  # the EXIF tag that tells a viewer to rotate or mirror a photo
 
 
@@ -941,7 +953,7 @@ def image_to_uint8(image, where="image"):
       viewer shows them. Transparent pixels become white.
     """
     if isinstance(image, Image.Image):
-        pixels = _pil_pixels(ImageOps.exif_transpose(image), where)  # (H, W) or (H, W, C): no guessing
+        pixels = _pil_pixels(ImageOps.exif_transpose(image), where)  # (H, W) or (H, W, C): known
         pixels, layout = (pixels[..., None] if pixels.ndim == 2 else pixels), "PIL"
     elif isinstance(image, np.ndarray):
         pixels, layout = image, "HWC"
@@ -971,8 +983,9 @@ def open_image(path, where="image", exif="apply"):
     reader: its boxes may have been drawn on either the stored or the turned pixels).
     """
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{where}: image file {path} is missing")
+    if not (_exists(path) and path.is_file()):
+        what = "is a folder, not an image" if _exists(path) else "is missing"
+        raise DatasetError(f"{where}: image file {path} {what}")
     try:
         with Image.open(path) as image:
             image.load()
@@ -1232,10 +1245,11 @@ def read_detection_folder(folder, num_classes=None):
     csv_path = folder / "label.csv"
     if not csv_path.is_file():
         raise DatasetError(f"{csv_path} is missing")
-    objects, first_row = {}, {}  # image path -> label rows in file order; -> its first row
+    # image path -> its label rows; -> its first row; and case-free spelling -> image path
+    objects, first_row, spelling = {}, {}, {}
     for row_number, name, label, box in _read_label_csv(csv_path):
         key = _image_key(name)
-        if key.casefold() in {other.casefold() for other in first_row if other != key}:
+        if spelling.setdefault(key.casefold(), key) != key:
             raise DatasetError(f"{csv_path} row {row_number}: image {name} differs from another "
                                "image name only in case; on Windows and macOS they are one file. "
                                "Rename one.")
@@ -1729,12 +1743,12 @@ def _check_before_training(net, train_data, val_data):
             continue
         if not (isinstance(data, (tuple, list)) and len(data) == 2
                 and all(isinstance(t, torch.Tensor) for t in data)):
-            raise DatasetError(f"{name} must be (images, labels), two tensors as read_detection_folder "
-                               f"returns, or (data.images, data.labels) of read_dataset; got "
-                               f"{type(data).__name__}")
+            raise DatasetError(f"{name} must be (images, labels), two tensors as "
+                               "read_detection_folder returns, or (data.images, data.labels) of "
+                               f"read_dataset; got {type(data).__name__}")
         if len(data[0]) != len(data[1]) or len(data[0]) == 0:
-            raise DatasetError(f"{name} holds {len(data[0])} images and {len(data[1])} labels: it needs "
-                               "at least one image, and one label tensor per image")
+            raise DatasetError(f"{name} holds {len(data[0])} images and {len(data[1])} labels: it "
+                               "needs at least one image, and one label tensor per image")
         check_images(data[0], name)
         check_labels(data[1], net.config.num_classes, name)
 
@@ -1920,8 +1934,8 @@ def _check_state_dict(path, state, net):
                               f"unexpected {extra[:3]}")
     for key, value in expected.items():
         if not isinstance(state[key], torch.Tensor):
-            raise CheckpointError(f"{path}: {key} is a {type(state[key]).__name__} in the file, not a "
-                                  "tensor; save models with save_checkpoint(path, net)")
+            raise CheckpointError(f"{path}: {key} is a {type(state[key]).__name__} in the file, "
+                                  "not a tensor; save models with save_checkpoint(path, net)")
         if tuple(state[key].shape) != tuple(value.shape):
             hint = ""
             if key == "cls_heads.0.weight" and state[key].ndim == value.ndim:
@@ -2638,6 +2652,8 @@ def _read_coco_json(json_path):
         raise DatasetError(f"{json_path} line {error.lineno}: not valid JSON ({error.msg})") from None
     except RecursionError:
         raise DatasetError(f"{json_path}: nested too deeply to be a COCO file") from None
+    except ValueError as error:  # e.g. an integer of more digits than Python converts
+        raise DatasetError(f"{json_path}: not a COCO file ({error})") from None
     if not isinstance(data, dict):
         raise DatasetError(f"{json_path}: a COCO file is a JSON object with 'images', "
                            f"'annotations' and 'categories', not a {type(data).__name__}")
@@ -2733,8 +2749,8 @@ def _coco_records(json_path, image_dir):
                                      f"unknown category_id {category_id!r} (known: "
                                      f"{list(categories)})", "fix the id or add the category",
                                      record.file.name))
-        elif not (isinstance(bbox, list) and len(bbox) == 4 and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
+        elif not (isinstance(bbox, list) and len(bbox) == 4 and all(  # NaN and inf: label_problems
+                _is_number(v) or (isinstance(v, float) and not math.isfinite(v)) for v in bbox)):
             problems.append(_problem(json_path, where,
                                      f"bbox must be four numbers [x, y, width, height], got "
                                      f"{json.dumps(bbox)[:60]}", "fix the box", record.file.name))
@@ -2779,10 +2795,10 @@ def _csv_records(csv_path, image_dir):
 def _records(path, split, image_dir):
     """(records, problems, class names or None) of a VOC folder, a COCO .json or a .csv file."""
     path = pathlib.Path(path)
-    if not path.exists():
+    if not _exists(path):
         raise DatasetError(f"{path} does not exist: expected a VOC folder, a COCO .json file or a "
                            ".csv file")
-    if image_dir is not None and not pathlib.Path(image_dir).is_dir():
+    if image_dir is not None and not (_exists(image_dir) and pathlib.Path(image_dir).is_dir()):
         raise DatasetError(f"the image folder {image_dir} (image_dir) is not a folder")
     image_dir = pathlib.Path(image_dir) if image_dir is not None else path.parent
     if path.is_dir() and (path / "Annotations").is_dir():
@@ -2865,7 +2881,7 @@ def _open_record_image(record):
     except DatasetError as error:
         text = str(error).split(": ", 1)[-1].replace(str(record.file), record.file.name)
         fix = "fix, replace or remove the image"
-        if not record.file.is_file():
+        if not _exists(record.file):
             fix = (f"check the path: it is read as {record.file}. COCO and CSV paths are relative "
                    "to the annotation file's folder, or to image_dir (--image-dir in the shell)")
             fix += "; write / between folders, not \\" if "\\" in str(record.file) else ""
@@ -3108,7 +3124,7 @@ def _image_files(sources):
     """
     files, seen = [], set()
     for source in map(pathlib.Path, sources):
-        if not source.exists():
+        if not _exists(source):
             raise FileNotFoundError(f"{source} does not exist; nothing was written")
         found = sorted(p for p in source.iterdir()
                        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()) \
@@ -3151,6 +3167,10 @@ def _check_out_dir(out_dir, sources, names):
                                   "nothing was written. "
                                   "Pass another folder, so that drawings are never read as photos.")
     manifest = _read_manifest(out_dir) if out_dir.is_dir() else None
+    foreign = out_dir / MANIFEST_FILE
+    if manifest is None and (foreign.exists() or foreign.is_symlink()):
+        raise FileExistsError(f"{foreign} was not written by the series; nothing was written. "
+                              "Choose another output folder, or move that file away.")
     if manifest is not None and manifest.get("kind") != "detections":
         raise FileExistsError(f"{out_dir} holds a {manifest.get('kind')} the series made; "
                               "nothing was written. Pass another folder.")
@@ -3361,7 +3381,7 @@ def export_onnx(net, path, nms_threshold=0.5, max_side=2048):
     import onnx  # noqa: PLC0415 (only this section needs it)
 
     path = pathlib.Path(path)
-    if path.exists() and not _is_our_onnx(path):
+    if path.is_symlink() or (path.exists() and not _is_our_onnx(path)):
         raise FileExistsError(f"{path} exists and was not written by export_onnx; nothing was written. "
                               "Choose another path, or move that file away first.")
     detector = ExportableDetector(copy.deepcopy(net).cpu().float().eval(), nms_threshold)

@@ -569,7 +569,7 @@ def test_shell_detect_refuses_out_that_is_the_input_folder(model, tmp_path, caps
         "beach.png", "hill.jpg"]
 
 
-# ------------------------------------------------------------------ data of the wrong shape, in memory
+# ------------------------------------------------------------ data of the wrong shape, in memory
 
 @pytest.mark.parametrize("data, message", [
     (lambda images, labels: [images], "must be \\(images, labels\\), two tensors"),
@@ -581,7 +581,8 @@ def test_train_ssd_names_data_of_the_wrong_shape(data, message):
     labels = torch.tensor([[[0, 0.2, 0.2, 0.6, 0.6]]] * 2)
     net = H.TinySSD(H.default_config())
     with pytest.raises(H.DatasetError, match=message):
-        H.train_ssd(net, data(images, labels), H.TrainConfig(epochs=1, bf16="off"), CPU, progress=False)
+        H.train_ssd(net, data(images, labels), H.TrainConfig(epochs=1, bf16="off"), CPU,
+                    progress=False)
 
 
 def test_load_model_names_a_float_stride_and_a_weight_of_no_dimensions(tmp_path):
@@ -590,10 +591,43 @@ def test_load_model_names_a_float_stride_and_a_weight_of_no_dimensions(tmp_path)
     path = tmp_path / "model.pt"
     H.save_checkpoint(path, H.TinySSD(H.default_config()))
     for edit, message in [(lambda c: c["config"].update(first_stride=2.0), "first_stride"),
-                          (lambda c: c["state_dict"].update({"cls_heads.0.weight": torch.tensor(1.0)}),
+                          (lambda c: c["state_dict"].update(
+                              {"cls_heads.0.weight": torch.tensor(1.0)}),
                            "cls_heads.0.weight")]:
         checkpoint = torch.load(path, weights_only=True)
         edit(checkpoint)
         torch.save(checkpoint, tmp_path / "edited.pt")
         with pytest.raises(H.CheckpointError, match=message):
             H.load_model(tmp_path / "edited.pt")
+
+
+# ------------------------------------------------------------------ found in review
+
+def test_detect_folder_and_export_onnx_never_replace_a_manifest_or_a_link_they_did_not_write(
+        tiny_net, tmp_path):
+    photo(tmp_path / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / H.MANIFEST_FILE).write_text("my notes")
+    with pytest.raises(FileExistsError, match="was not written by the series"):
+        H.detect_folder(tiny_net, [tmp_path / "a.png"], out)
+    assert (out / H.MANIFEST_FILE).read_text() == "my notes"
+    (tmp_path / "link.onnx").symlink_to(tmp_path / "elsewhere.onnx")
+    with pytest.raises(FileExistsError, match="not written by export_onnx"):
+        H.export_onnx(tiny_net, tmp_path / "link.onnx")
+    assert (tmp_path / "link.onnx").is_symlink()
+
+
+def test_numbers_and_names_python_cannot_convert_are_problems_not_crashes(tmp_path):
+    photo(tmp_path / "a.png")
+    coco = {"images": [{"id": 1, "file_name": "a.png"}], "categories": [{"id": 1, "name": "cat"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10**400, 1, 5, 5]}]}
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    problem = H.validate_dataset(tmp_path / "c.json").problems[0]["problem"]
+    assert "bbox must be four numbers" in problem
+    (tmp_path / "d.json").write_text('{"images": [{"id": ' + "9" * 5000 + "}]}")
+    only_dataset_error(H.read_dataset, tmp_path / "d.json")
+    (tmp_path / "e.csv").write_text("image,class,xmin,ymin,xmax,ymax\n" + "y" * 300
+                                    + ".png,cat,1,1,5,5\n")
+    assert "is missing" in H.validate_dataset(tmp_path / "e.csv").problems[0]["problem"]
+    assert exit_code(["validate", str(tmp_path / ("x" * 300 + ".csv"))]) == 2
