@@ -3175,13 +3175,9 @@ def _check_out_dir(out_dir, sources, names):
         raise FileExistsError(f"{out_dir} holds a {manifest.get('kind')} the series made; "
                               "nothing was written. Pass another folder.")
     recorded = dict(manifest["files"]) if manifest is not None else {}
-    found = []
-    for name in names:
-        path = out_dir / name
-        if path.is_symlink() or (path.exists() and name not in recorded):
-            found.append((path, "not written by detect_folder"))
-        elif path.exists() and not _is_unchanged(path, recorded[name]):
-            found.append((path, "changed since detect_folder wrote it"))
+    found = [(out_dir / name, _why_not_ours(out_dir / name, recorded.get(name), "detect_folder"))
+             for name in names if (out_dir / name).exists() or (out_dir / name).is_symlink()]
+    found = [(path, why) for path, why in found if why is not None]
     if found:
         raise FileExistsError(f"{out_dir} holds files detect_folder would replace: "
                               f"{_listing(out_dir, found)}. Nothing was written. Choose another "
@@ -4390,6 +4386,18 @@ def _is_unchanged(path, record):
             and _file_record(path)["sha256"] == record.get("sha256"))
 
 
+def _why_not_ours(path, record, writer="the series"):
+    """None if the file at ``path`` is what ``record`` (a _file_record, or None) says the series
+    wrote, unchanged; else why the series may not replace or remove it."""
+    if path.is_symlink():
+        return "a link"
+    if record is None:
+        return f"not written by {writer}"
+    if not _is_unchanged(path, record):
+        return f"changed since {writer} wrote it"
+    return None
+
+
 def _unowned_files(folder, files=(), base=None):
     """[(path, why)] for every file under ``folder`` the series may not remove.
 
@@ -4407,14 +4415,13 @@ def _unowned_files(folder, files=(), base=None):
     for path in sorted(folder.iterdir()):
         if manifest is not None and path.name == MANIFEST_FILE:
             continue
-        if path.is_symlink():
-            found.append((path, "a link"))
-        elif path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             found += _unowned_files(path, files, base)
-        elif base is None or path.relative_to(base).as_posix() not in files:
-            found.append((path, "not written by the series"))
-        elif not _is_unchanged(path, files[path.relative_to(base).as_posix()]):
-            found.append((path, "changed since the series wrote it"))
+            continue
+        record = None if base is None else files.get(path.relative_to(base).as_posix())
+        why = _why_not_ours(path, record)
+        if why is not None:
+            found.append((path, why))
     return found
 
 
