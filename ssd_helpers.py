@@ -31,6 +31,26 @@ There is no module-level state: the device, the config and the seed are passed
 in explicitly. One setting is process-wide by nature: train_ssd asks glibc to
 keep freed memory (keep_freed_memory, 12_speed_and_deployment) unless its
 TrainConfig says keep_freed_memory=False.
+
+No section calls a helper that a later section defines; the appendix is the
+exception. Where training needs something a later notebook teaches, it takes it
+as an argument: train_ssd(evaluate=evaluate_map, augment=ssd_batch_augmentation()).
+
+Where to change what:
+
+    to change ...            look at                                      section
+    anchor sizes and ratios  SSDConfig (default_config), multibox_prior   0, 7; 4a
+    anchor matching          match_anchors, multibox_target               4b
+    the loss                 calc_loss, hard_negative_mask, focal_loss    7
+    the training loop        TrainConfig, train_ssd, train_step           7
+    decoding and NMS         multibox_detection, nms, detect              4b, 8
+    the AP metric            match_detections ... evaluate_map            9
+    augmentation             ssd_augmentation, ssd_batch_augmentation     10
+    a data format            _READERS (reading), _WRITERS (export)        11
+    the shell commands       main                                         11
+    ONNX export              ExportableDetector, export_onnx              12
+    the synthetic images     the appendix (render_scene, banana_sprite)   Appendix
+    file ownership           _write_manifest, _why_not_ours               Appendix
 """
 
 import concurrent.futures
@@ -56,6 +76,7 @@ import time
 import warnings
 from xml.etree import ElementTree
 
+import matplotlib.colors
 import matplotlib.patches
 import matplotlib.pyplot as plt
 import numpy as np
@@ -87,32 +108,33 @@ __all__ = [
     # 5. Model
     "blk_forward", "TinySSD",
     # 6. Data
-    "generate_banana_detection", "generate_small_bananas", "generate_fruit_detection", "DatasetError",
-    "image_to_uint8", "open_image", "check_images", "label_problems", "check_labels",
-    "read_detection_folder", "DetectionDataset", "load_data_bananas",
+    "DATA_DIR", "CSV_HEADER", "generate_banana_detection", "generate_small_bananas",
+    "generate_fruit_detection", "DatasetError", "open_image", "check_images", "label_problems",
+    "check_labels", "read_detection_folder", "DetectionDataset", "load_data_bananas",
     # 7. Training
     "TrainConfig", "IMAGENET_MEAN", "IMAGENET_STD", "default_config", "default_checkpoint",
-    "hflip_batch", "hard_negative_mask", "calc_loss", "batch_metrics",
-    "cpu_has_native_bf16", "pick_precision", "CheckpointError", "save_checkpoint", "train_step", "train_ssd",
-    "detect_images",
-    "plot_history", "live_plot", "train_default_model",
+    "hflip_batch", "hard_negative_mask", "focal_loss", "calc_loss", "batch_metrics",
+    "cpu_has_native_bf16", "pick_precision", "lr_at", "CheckpointError", "save_checkpoint",
+    "read_checkpoint", "train_step", "keep_freed_memory", "train_ssd", "detect_images", "live_plot",
+    "train_default_model",
     # 8. Prediction
     "load_model", "to_image_tensor", "detect", "show_detections",
     # 9. Evaluation
     "match_detections", "precision_recall", "precision_envelope", "average_precision",
-    "class_precision_recall", "mean_average_precision", "evaluate_map", "plot_pr_curve",
+    "class_precision_recall", "ap_table", "mean_average_precision", "evaluate_map", "plot_pr_curve",
     # 10. Improvements
-    "focal_loss", "init_background_prior", "ssd_augmentation", "augment_sample", "augment_batch", "show_augmented",
-    "evaluate_splits", "train_variant", "for_bigger_input",
+    "init_background_prior", "ssd_augmentation", "augment_sample", "augment_batch",
+    "ssd_batch_augmentation", "show_augmented", "evaluate_splits", "train_variant",
+    "for_bigger_input",
     # 11. Your own data
     "DetectionData", "read_dataset", "DatasetReport", "validate_dataset", "export_dataset",
     "draw_detections", "detect_folder", "main",
     # 12. Speed and deployment
-    "keep_freed_memory", "fold_batch_norm", "ExportableDetector", "export_onnx", "detect_onnx", "detection_gaps",
+    "fold_batch_norm", "ExportableDetector", "export_onnx", "detect_onnx", "detection_gaps",
     "latency_ms", "ssdlite_targets", "train_for_seconds", "detect_torchvision",
     # Appendix: how the synthetic images are drawn
-    "banana_sprite", "orange_sprite", "load_backgrounds", "random_background", "render_scene",
-    "make_test_scene", "draw_boxes",
+    "BACKGROUND_FILES", "HELD_OUT_FILES", "banana_sprite", "orange_sprite", "load_backgrounds",
+    "random_background", "render_scene", "make_test_scene", "build_atomically",
 ]
 
 
@@ -120,7 +142,7 @@ __all__ = [
 # 0. Set-up: config, device, seed, fast mode (every notebook)
 # ---------------------------------------------------------------------------
 
-MAX_CLASS_ID = 2**24  # larger class ids cannot be stored exactly in the float32 labels
+_MAX_CLASS_ID = 2**24  # larger class ids cannot be stored exactly in the float32 labels
 
 
 class ConfigError(ValueError):
@@ -189,14 +211,15 @@ class SSDConfig:
     # Names of the classes, in id order, saved with the model (11_your_own_data).
     class_names: tuple | None = None
     # 2: the first convolution has stride 2 and the first block no pool (down_sample_blk): the same
-    # feature-map sizes from block 1 on, less work (default_config's; 12_speed_and_deployment). 1 is the book's.
+    # feature-map sizes from block 1 on, less work (default_config's; 12_speed_and_deployment). 1 is
+    # the book's.
     first_stride: int = 1
 
     def __post_init__(self):
         n = self.num_classes
         _check_fields("SSDConfig", vars(self), {
-            "num_classes": (lambda v: _is_number(v, 1, MAX_CLASS_ID, integer=True),
-                            f"an integer 1..{MAX_CLASS_ID}"),
+            "num_classes": (lambda v: _is_number(v, 1, _MAX_CLASS_ID, integer=True),
+                            f"an integer 1..{_MAX_CLASS_ID}"),
             "sizes": (lambda v: all(_numbers(s, 0, low_open=True) for s in v) and len(v) > 0,
                       "one sequence of anchor sizes > 0 per block"),
             "ratios": (lambda v: all(_numbers(r, 0, low_open=True) for r in v) and len(v) > 0,
@@ -218,7 +241,8 @@ class SSDConfig:
 
 
 def fast_mode():
-    """True when the test suite asks for short runs (env ``TINYSSD_FAST=1``). Introduced in 07_training.
+    """True when the test suite asks for short runs (env ``TINYSSD_FAST=1``). Introduced in
+    07_training.
 
     This is the one switch every long notebook consults; ``make test`` sets it.
     """
@@ -226,7 +250,8 @@ def fast_mode():
 
 
 def pick_device(name=None):
-    """Return a ``torch.device``: ``name`` if given, else CUDA, then MPS, then CPU. Introduced in 07_training."""
+    """Return a ``torch.device``: ``name`` if given, else CUDA, then MPS, then CPU. Introduced in
+    07_training."""
     if name is not None:
         return torch.device(name)
     if torch.cuda.is_available():
@@ -244,9 +269,10 @@ def set_seed(seed=0):
 
 
 def scratch_folder(path, remove=False):
-    """An empty folder a notebook may fill and later delete; returns its Path. Introduced in 06_data.
+    """An empty folder a notebook may fill and later delete; returns its Path. Introduced in
+    06_data.
 
-    The folder's manifest (MANIFEST_FILE) records that the series made it for a notebook's scratch
+    The folder's manifest (_MANIFEST_FILE) records that the series made it for a notebook's scratch
     work, so all of it is the notebook's: keep nothing of yours there. An existing folder is emptied
     only if it has that record; a folder without it is the user's, and FileExistsError leaves it
     alone.
@@ -256,8 +282,8 @@ def scratch_folder(path, remove=False):
     if path.exists() or path.is_symlink():
         manifest = _read_manifest(path)
         if manifest is None or manifest.get("kind") != "scratch":
-            raise FileExistsError(f"{path} exists and was not made by scratch_folder; nothing was deleted. "
-                                  "Move it away or choose another folder.")
+            raise FileExistsError(f"{path} exists and was not made by scratch_folder; "
+                                  "nothing was deleted. Move it away or choose another folder.")
         shutil.rmtree(path)
     if not remove:
         path.mkdir(parents=True)
@@ -322,7 +348,8 @@ def down_sample_blk(in_channels, out_channels, stride=1):
     """
     layers = []
     for i in range(2):
-        layers += [nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, stride=stride if i == 0 else 1),
+        layers += [nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1,
+                             stride=stride if i == 0 else 1),
                    nn.BatchNorm2d(out_channels), nn.ReLU()]
         in_channels = out_channels
     if stride == 1:
@@ -333,10 +360,12 @@ def down_sample_blk(in_channels, out_channels, stride=1):
 def base_net(first_stride=1):
     """Three down-sampling blocks, 3 -> 16 -> 32 -> 64 channels. Introduced in 03_blocks.
 
-    (batch, 3, h, w) -> (batch, 64, h // 8, w // 8). first_stride: the first block's stride (down_sample_blk).
+    (batch, 3, h, w) -> (batch, 64, h // 8, w // 8). first_stride: the first block's stride
+    (down_sample_blk).
     """
     num_filters = [3, 16, 32, 64]
-    return nn.Sequential(*[down_sample_blk(num_filters[i], num_filters[i + 1], first_stride if i == 0 else 1)
+    return nn.Sequential(*[down_sample_blk(num_filters[i], num_filters[i + 1],
+                                           first_stride if i == 0 else 1)
                            for i in range(len(num_filters) - 1)])
 
 
@@ -422,8 +451,10 @@ def multibox_prior(data, sizes, ratios):
                    sizes[0] * torch.sqrt(ratio_tensor[1:])))
     h = torch.cat((size_tensor / torch.sqrt(ratio_tensor[0]),
                    sizes[0] / torch.sqrt(ratio_tensor[1:])))
-    short = torch.sym_min(in_height, in_width)  # min() without an if, so torch.export (12) keeps every shape
-    w, h = w * short / in_width, h * short / in_height  # on square and wide maps: d2l's w * h / w, and h
+    # min() without an if, so torch.export (12) keeps every shape
+    short = torch.sym_min(in_height, in_width)
+    # on square and wide maps: d2l's w * h / w, and h
+    w, h = w * short / in_width, h * short / in_height
     half_sizes = torch.stack((-w, -h, w, h)).T.repeat(in_height * in_width, 1) / 2
     centers = torch.stack([shift_x, shift_y, shift_x, shift_y],
                           dim=1).repeat_interleave(boxes_per_pixel, dim=0)
@@ -478,11 +509,12 @@ def show_bboxes(axes, bboxes, labels=None, colors=None):
         color = colors[i % len(colors)]
         rect = bbox_to_rect(bbox, color)
         axes.add_patch(rect)
-        if labels and len(labels) > i:  # above the box's top-left corner, or just inside at the image's top edge
+        # above the box's top-left corner, or just inside at the image's top edge
+        if labels and len(labels) > i:
             top = min(axes.get_ylim())
             inside = rect.xy[1] - top < 0.06 * abs(axes.get_ylim()[1] - axes.get_ylim()[0])
-            axes.text(rect.xy[0], rect.xy[1], labels[i], va="top" if inside else "bottom", ha="left",
-                      fontsize=8, color="k" if color in ("w", "y", "c") else "w",
+            axes.text(rect.xy[0], rect.xy[1], labels[i], va="top" if inside else "bottom",
+                      ha="left", fontsize=8, color="k" if color in ("w", "y", "c") else "w",
                       bbox=dict(facecolor=color, lw=0, pad=1.5, alpha=0.85))
 
 
@@ -540,7 +572,8 @@ def _greedy_match(iou, anchors_bbox_map):
         best_iou[images[todo], gt[todo]] = -1.0  # cross out the box ...
         iou[images[todo], :, anchor[todo]] = -1.0  # ... and the anchor
         # Boxes whose best anchor was just taken find their next best
-        b, g = ((best_anchor == anchor[:, None]) & (best_iou >= 0) & todo[:, None]).nonzero(as_tuple=True)
+        b, g = ((best_anchor == anchor[:, None]) & (best_iou >= 0)
+                & todo[:, None]).nonzero(as_tuple=True)
         best_iou[b, g], best_anchor[b, g] = iou[b, g].max(dim=1)
     return anchors_bbox_map
 
@@ -597,7 +630,8 @@ def multibox_target(anchors, labels, iou_threshold=0.5):
     class_labels = torch.zeros(batch, num_anchors, dtype=torch.long, device=labels.device)
     class_labels[image_ids, anchor_ids] = classes[image_ids, gt_ids].long() + 1
     bbox_offset = torch.zeros(batch, num_anchors, 4, dtype=labels.dtype, device=labels.device)
-    bbox_offset[image_ids, anchor_ids] = offset_boxes(anchors[anchor_ids], gt_boxes[image_ids, gt_ids])
+    bbox_offset[image_ids, anchor_ids] = offset_boxes(anchors[anchor_ids],
+                                                      gt_boxes[image_ids, gt_ids])
     bbox_mask = (class_labels > 0)[..., None].to(labels.dtype).expand(-1, -1, 4)
     return bbox_offset.reshape(batch, -1), bbox_mask.reshape(batch, -1), class_labels
 
@@ -642,7 +676,8 @@ def multibox_detection(cls_probs, offset_preds, anchors, nms_threshold=0.5,
         class_ids = class_ids.gather(1, top)
         boxes = boxes.gather(1, top[..., None].expand(-1, -1, 4))
     image_ids, ids = (scores >= pos_threshold).nonzero(as_tuple=True)  # candidates
-    groups = image_ids if class_agnostic else image_ids * cls_probs.shape[1] + class_ids[image_ids, ids]
+    groups = (image_ids if class_agnostic
+              else image_ids * cls_probs.shape[1] + class_ids[image_ids, ids])
     kept = torchvision.ops.batched_nms(boxes[image_ids, ids], scores[image_ids, ids],
                                        groups, nms_threshold)  # best first
     kept = kept[torch.sort(image_ids[kept], stable=True).indices]  # by image, best first
@@ -708,14 +743,18 @@ class TinySSD(nn.Module):
 
     def __init__(self, config=None, **overrides):
         super().__init__()
-        self.config = cfg = _check_ssd_config(dataclasses.replace(config or SSDConfig(), **overrides))
+        self.config = cfg = _check_ssd_config(
+            dataclasses.replace(config or SSDConfig(), **overrides))
         in_channels = [64, 128, 128, 128, 128]
         self.blks = nn.ModuleList([get_blk(i, cfg.first_stride) for i in range(5)])
-        self.cls_heads = nn.ModuleList([cls_predictor(c, cfg.num_anchors, cfg.num_classes) for c in in_channels])
+        self.cls_heads = nn.ModuleList([cls_predictor(c, cfg.num_anchors, cfg.num_classes)
+                                        for c in in_channels])
         self.bbox_heads = nn.ModuleList([bbox_predictor(c, cfg.num_anchors) for c in in_channels])
         if cfg.pixel_mean is not None:  # buffers follow .to(device) but are not saved
-            self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).reshape(1, 3, 1, 1), False)
-            self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).reshape(1, 3, 1, 1), False)
+            self.register_buffer("pixel_mean",
+                                 torch.tensor(cfg.pixel_mean).reshape(1, 3, 1, 1), False)
+            self.register_buffer("pixel_std",
+                                 torch.tensor(cfg.pixel_std).reshape(1, 3, 1, 1), False)
 
     def forward(self, X):
         if self.config.pixel_mean is not None:
@@ -737,61 +776,12 @@ class TinySSD(nn.Module):
 # 6. Data: a banana dataset made offline, and its loader (06_data)
 # ---------------------------------------------------------------------------
 #
-# Photo-like fruit sprites (a banana and an orange) are drawn procedurally and
-# pasted on random crops of real photographs that ship inside scikit-image, so
-# nothing is ever downloaded. Conventions of this section:
-#
-# * Images are numpy arrays (H, W, 3): uint8 in 0..255 when they leave the
-#   section, float32 in 0..1 while we work on them.
-# * Sprites are float32 (h, w, 4) PREMULTIPLIED RGBA in 0..1: pasting one is
-#   ``out = rgb + (1 - alpha) * background``.
-# * A pixel belongs to an object when its visible alpha is above ALPHA_THRESHOLD.
-# * Boxes are integer pixels (xmin, ymin, xmax, ymax) with an exclusive upper end
-#   (d2l's convention): the box covers columns xmin .. xmax - 1.
-# * Class ids: 0 = banana, 1 = orange.
+# The datasets are drawn offline: fruit sprites pasted on photos that ship inside scikit-image
+# (the appendix draws them). Label files hold integer pixel boxes with an exclusive upper end
+# (d2l's convention); the loader divides them by the image size.
 
-IMAGE_SIZE = 256
 DATA_DIR = pathlib.Path(__file__).resolve().parent / "data"  # git-ignored cache
-BANANA, ORANGE = 0, 1
-ALPHA_THRESHOLD = 0.5
-CSV_HEADER = ("img_name", "label", "xmin", "ymin", "xmax", "ymax")
-FORMAT_VERSION = 1
-SUPERSAMPLE = 3           # sprites are drawn at 3x3 samples per pixel
-BANANA_BOX = (34, 73)     # box sides (px) of d2l's real banana labels
-SMALL_BANANA_BOX = (15, 30)
-ORANGE_BOX = (26, 52)
-FRUIT_BANANA_BOX = (30, 64)   # bananas in the multi-object scenes
-MAX_FRUIT = 6                 # fruit scenes hold 0..6 objects
-MAX_ASPECT = 1.5          # largest allowed ratio of the two box sides
-MAX_OUTSIDE = 0.12        # at most 12% of a box may leave the frame per side
-MIN_VISIBLE = 0.4         # drop objects with less than 40% left visible
-MIN_SIDE = 6              # ... or with a visible box side below 6 px
-PNG_COMPRESSION = 1       # fastest zlib level; PNG bytes stay deterministic
-IMAGES_PER_CHUNK = 10     # images a drawing thread takes at a time (about 0.3 s of work)
-
-# Photos inside skimage/data (no network needed), split in two. The datasets
-# are drawn on BACKGROUND_FILES only; every test scene and "new photo" uses
-# HELD_OUT_FILES, which no model here has seen in training. Colour photos map
-# to None; grey ones map to the RGB tint they are coloured with.
-BACKGROUND_FILES = (
-    ("astronaut.png", None), ("chelsea.png", None), ("coffee.png", None),
-    ("motorcycle_left.png", None), ("rocket.jpg", None),
-    ("brick.png", (1.0, 0.72, 0.58)), ("grass.png", (0.78, 0.95, 0.55)),
-    ("gravel.png", (0.95, 0.88, 0.78)), ("camera.png", (1.0, 0.97, 0.92)),
-)
-HELD_OUT_FILES = (
-    ("ihc.png", None), ("hubble_deep_field.jpg", None), ("retina.jpg", None),
-    ("coins.png", (1.0, 0.9, 0.75)), ("moon.png", (0.85, 0.9, 1.0)),
-)
-TEST_SCENE_FILES = ("ihc.png", "hubble_deep_field.jpg", "retina.jpg")  # the held-out colour photos
-
-# sRGB colours (0..1) of a banana peel at increasing ripeness.
-RIPENESS_COLOURS = (
-    (0.55, 0.66, 0.20),   # green
-    (0.80, 0.82, 0.25),   # green-yellow
-    (0.97, 0.84, 0.24),   # yellow
-    (0.95, 0.79, 0.22),   # ripe, deep yellow
-)
+CSV_HEADER = ("img_name", "label", "xmin", "ymin", "xmax", "ymax")  # d2l's label.csv
 
 
 # 6a. Making the datasets (how the images are drawn is in the appendix)
@@ -806,7 +796,7 @@ def generate_banana_detection(root=None, seed=0,
     has the header img_name,label,xmin,ymin,xmax,ymax and one row per
     image, e.g. "0.png,0,104,20,143,58": label is always 0, coordinates
     are integer pixels with exclusive xmax/ymax. Same seed -> same bytes.
-    A finished dataset (marker file COMPLETE.txt) is reused at once.
+    A finished dataset (its manifest matches) is reused at once.
     progress: None, True (tqdm bar) or f(done, total).
     """
     root = DATA_DIR / "banana-detection" if root is None else root
@@ -816,9 +806,9 @@ def generate_banana_detection(root=None, seed=0,
 
 def generate_small_bananas(root=None, seed=0,
                            num_train=1000, num_val=100, progress=None):
-    """Like generate_banana_detection, but the banana boxes are only 15..30 px per side (a harder split); same
-    layout, folder names and CSV. Introduced in 06_data."""
-    scene = functools.partial(_banana_scene, side_range=SMALL_BANANA_BOX)
+    """Like generate_banana_detection, but the banana boxes are only 15..30 px per side (a harder
+    split); same layout, folder names and CSV. Introduced in 06_data."""
+    scene = functools.partial(_banana_scene, side_range=_SMALL_BANANA_BOX)
     root = DATA_DIR / "banana-detection-small" if root is None else root
     return _generate_detection_dataset(root, "bananas", scene, seed, num_train,
                                       num_val, progress, "small-bananas")
@@ -859,7 +849,7 @@ def _exists(path):
         return False
 
 
-EXIF_ORIENTATION = 0x0112  # the EXIF tag that tells a viewer to rotate or mirror a photo
+_EXIF_ORIENTATION = 0x0112  # the EXIF tag that tells a viewer to rotate or mirror a photo
 
 
 def _pil_pixels(image, where):
@@ -873,8 +863,9 @@ def _pil_pixels(image, where):
     if image.mode == "I":  # 32-bit integers; 16-bit grey PNGs open in this mode
         pixels = np.asarray(image)
         if pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
-            raise DatasetError(f"{where}: 32-bit integer image with values {pixels.min()}..{pixels.max()}; "
-                               "expected 16-bit values 0..65535. Save it as an 8-bit RGB image.")
+            raise DatasetError(f"{where}: 32-bit integer image with values "
+                               f"{pixels.min()}..{pixels.max()}; expected 16-bit values 0..65535. "
+                               "Save it as an 8-bit RGB image.")
         return pixels.astype(np.uint16)
     if image.mode == "F":
         return np.asarray(image)
@@ -893,21 +884,23 @@ def _channels_last(array, layout, where):
     if array.ndim == 3:
         first, last = array.shape[0] in (1, 2, 3, 4), array.shape[-1] in (1, 2, 3, 4)
         if first and last:
-            raise DatasetError(f"{where}: cannot tell the channels of an image of shape {shape}: both its first "
-                               "and last sides could be channels. Pass an image at least 5 pixels on each side")
+            raise DatasetError(f"{where}: cannot tell the channels of an image of shape {shape}: "
+                               "both its first and last sides could be channels. Pass an image "
+                               "at least 5 pixels on each side")
         if layout == "HWC" and last:
             return array
         if layout == "CHW" and first:
             return array.transpose(1, 2, 0)
         if layout == "HWC" and first:
-            raise DatasetError(f"{where}: a numpy array of shape {shape} looks channels-first (C, H, W), but "
-                               "numpy images are (H, W, C) as PIL and matplotlib use: pass "
-                               "array.transpose(1, 2, 0), or a torch tensor (C, H, W)")
+            raise DatasetError(f"{where}: a numpy array of shape {shape} looks channels-first "
+                               "(C, H, W), but numpy images are (H, W, C) as PIL and matplotlib "
+                               "use: pass array.transpose(1, 2, 0), or a torch tensor (C, H, W)")
         if layout == "CHW" and last:
-            raise DatasetError(f"{where}: a tensor of shape {shape} looks channels-last (H, W, C), but torch "
-                               "images are (C, H, W): pass image.permute(2, 0, 1)")
-    raise DatasetError(f"{where}: expected an image (H, W), or (H, W, C) as a numpy array, or (C, H, W) as a "
-                       f"tensor, with C = 1, 2, 3 or 4 channels; got shape {shape}")
+            raise DatasetError(f"{where}: a tensor of shape {shape} looks channels-last (H, W, C), "
+                               "but torch images are (C, H, W): pass image.permute(2, 0, 1)")
+    raise DatasetError(f"{where}: expected an image (H, W), or (H, W, C) as a numpy array, "
+                       "or (C, H, W) as a tensor, with C = 1, 2, 3 or 4 channels; "
+                       f"got shape {shape}")
 
 
 def _pixel_values(array, where):
@@ -920,27 +913,29 @@ def _pixel_values(array, where):
     if dtype == np.uint16:
         return array.astype(np.float32) * (255 / 65535)
     if dtype.kind not in ("u", "i", "f"):
-        raise DatasetError(f"{where}: pixel values of type {dtype} are not an image; expected uint8, uint16, "
-                           "another integer type in 0..255, or floats in 0..255")
+        raise DatasetError(f"{where}: pixel values of type {dtype} are not an image; expected "
+                           "uint8, uint16, another integer type in 0..255, or floats in 0..255")
     values = array.astype(np.float32)
     if values.size == 0:
         raise DatasetError(f"{where}: the image is empty (shape {tuple(array.shape)})")
     if not np.isfinite(values).all():
-        raise DatasetError(f"{where}: {int((~np.isfinite(values)).sum())} pixel values are NaN or infinite; "
-                           "fix the image or leave it out")
+        raise DatasetError(f"{where}: {int((~np.isfinite(values)).sum())} pixel values are NaN "
+                           "or infinite; fix the image or leave it out")
     low, high = float(values.min()), float(values.max())
     if low < -1e-3 or high > 255 + 1e-3:
-        raise DatasetError(f"{where}: {dtype} pixel values run {low:g}..{high:g}, outside 0..255. Scale them "
-                           "to 0..255 (uint16 images are read as 0..65535)")
+        raise DatasetError(f"{where}: {dtype} pixel values run {low:g}..{high:g}, outside 0..255. "
+                           "Scale them to 0..255 (uint16 images are read as 0..65535)")
     if dtype.kind == "f" and high <= 1:
-        raise DatasetError(f"{where}: every pixel value is within 0..1 (max {high:.3g}). This series reads "
-                           "float images as 0..255, as the model takes them, so this one would be black. "
-                           "For a 0..1 image (matplotlib's imread, torchvision's to_dtype) pass image * 255")
+        raise DatasetError(f"{where}: every pixel value is within 0..1 (max {high:.3g}). "
+                           "This series reads float images as 0..255, as the model takes them, "
+                           "so this one would be black. For a 0..1 image (matplotlib's imread, "
+                           "torchvision's to_dtype) pass image * 255")
     return values
 
 
-def image_to_uint8(image, where="image"):
-    """A PIL image, numpy array or tensor -> uint8 (3, H, W) RGB. Introduced in 06_data; detect uses it (08).
+def _image_to_uint8(image, where="image"):
+    """A PIL image, numpy array or tensor -> uint8 (3, H, W) RGB. Introduced in 06_data; detect uses
+    it (08).
 
     Conventions (anything else raises DatasetError saying what was expected):
     - numpy arrays are (H, W) or (H, W, C), channels last as PIL and matplotlib
@@ -959,11 +954,12 @@ def image_to_uint8(image, where="image"):
         pixels, layout = image, "HWC"
     elif isinstance(image, torch.Tensor):
         image = image.detach().cpu()
-        pixels = (image.float() if image.dtype in (torch.bfloat16, torch.float16) else image).numpy()
+        pixels = (image.float() if image.dtype in (torch.bfloat16, torch.float16)
+                  else image).numpy()
         layout = "CHW"
     else:
-        raise DatasetError(f"{where}: expected a file path, a PIL image, a numpy array or a tensor, "
-                           f"got {type(image).__name__}")
+        raise DatasetError(f"{where}: expected a file path, a PIL image, a numpy array or a "
+                           f"tensor, got {type(image).__name__}")
     pixels = pixels if layout == "PIL" else _channels_last(pixels, layout, where)  # (H, W, C)
     if pixels.dtype == np.uint8 and pixels.shape[-1] == 3:
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
@@ -972,11 +968,13 @@ def image_to_uint8(image, where="image"):
         alpha = values[..., -1:] / 255
         values = values[..., :-1] * alpha + 255 * (1 - alpha)
     values = np.broadcast_to(values, (*values.shape[:2], 3))
-    return torch.from_numpy(np.ascontiguousarray(values.round().clip(0, 255).astype(np.uint8).transpose(2, 0, 1)))
+    return torch.from_numpy(
+        np.ascontiguousarray(values.round().clip(0, 255).astype(np.uint8).transpose(2, 0, 1)))
 
 
 def open_image(path, where="image", exif="apply"):
-    """An image file -> uint8 (3, H, W) RGB, read by ``image_to_uint8``'s rules. Introduced in 06_data.
+    """An image file -> uint8 (3, H, W) RGB, read by ``_image_to_uint8``'s rules. Introduced in
+    06_data.
 
     exif="apply" turns a photo upright by its EXIF orientation (for detect);
     exif="refuse" raises DatasetError for a photo that has one (for the dataset
@@ -989,13 +987,14 @@ def open_image(path, where="image", exif="apply"):
     try:
         with Image.open(path) as image:
             image.load()
-            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
             if exif == "refuse" and orientation not in (None, 1):
                 raise DatasetError(
-                    f"{where}: image {path} carries EXIF orientation {orientation}, so viewers show it turned "
-                    "or mirrored, and its boxes may have been drawn on either version. Save it with the turn "
-                    "applied (PIL.ImageOps.exif_transpose) and check its boxes on the saved image.")
-            return image_to_uint8(image, f"{where}: image {path}")
+                    f"{where}: image {path} carries EXIF orientation {orientation}, so viewers "
+                    "show it turned or mirrored, and its boxes may have been drawn on either "
+                    "version. Save it with the turn applied (PIL.ImageOps.exif_transpose) and "
+                    "check its boxes on the saved image.")
+            return _image_to_uint8(image, f"{where}: image {path}")
     except DatasetError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
@@ -1022,23 +1021,26 @@ def check_images(images, where="images", ids=None):
     N images in messages (default 0..N-1, their index in ``images``).
     """
     if images.ndim != 4 or images.shape[1] != 3:
-        raise DatasetError(f"{where}: expected images (N, 3, H, W), got shape {tuple(images.shape)}")
+        raise DatasetError(f"{where}: expected images (N, 3, H, W), "
+                           f"got shape {tuple(images.shape)}")
     if images.dtype == torch.uint8:
         return
     if not images.is_floating_point():
-        raise DatasetError(f"{where}: expected uint8 images (as read_detection_folder returns) or floats in "
-                           f"0..255, got {images.dtype}")
+        raise DatasetError(f"{where}: expected uint8 images (as read_detection_folder returns) "
+                           f"or floats in 0..255, got {images.dtype}")
     flat = images.detach().flatten(1)
     finite = torch.isfinite(flat).all(dim=1)
-    _first_bad(~finite, "pixel values are NaN or infinite", (~torch.isfinite(flat)).sum(1), where, ids,
+    _first_bad(~finite, "pixel values are NaN or infinite",
+               (~torch.isfinite(flat)).sum(1), where, ids,
                "The value shown is the number of such pixels: fix the image or leave it out.")
     low, high = flat.amin(dim=1), flat.amax(dim=1)
-    _first_bad((low < -1e-3) | (high > 255 + 1e-3), "pixel values outside 0..255 (the maximum shown)",
+    _first_bad((low < -1e-3) | (high > 255 + 1e-3),
+               "pixel values outside 0..255 (the maximum shown)",
                high, where, ids, "Images are uint8, or floats in 0..255.")
     if high.max() <= 1:
-        raise DatasetError(f"{where}: every pixel value is within 0..1. Images here are uint8, or floats in "
-                           "0..255 as the model takes them; for 0..1 images pass (images * 255).round()"
-                           ".to(torch.uint8)")
+        raise DatasetError(f"{where}: every pixel value is within 0..1. Images here are uint8, "
+                           "or floats in 0..255 as the model takes them; for 0..1 images pass "
+                           "(images * 255).round().to(torch.uint8)")
 
 
 def _numbers_text(values):
@@ -1100,8 +1102,8 @@ def _class_problems(label, classes):
             return [(f"unknown class name {label!r} (known: {', '.join(map(str, classes))})",
                      "fix the name, or list every class in class_names")]
         return []
-    if not math.isfinite(label) or label < 0 or label != int(label) or label >= MAX_CLASS_ID:
-        return [(f"class id {label:g} is not an integer >= 0 (and below {MAX_CLASS_ID})",
+    if not math.isfinite(label) or label < 0 or label != int(label) or label >= _MAX_CLASS_ID:
+        return [(f"class id {label:g} is not an integer >= 0 (and below {_MAX_CLASS_ID})",
                  "fix the class id")]
     count = len(classes) if isinstance(classes, (list, tuple)) else classes
     if count is not None and label >= count:
@@ -1111,7 +1113,8 @@ def _class_problems(label, classes):
 
 
 def check_labels(labels, num_classes=None, where="labels", ids=None):
-    """Raise DatasetError unless labels (N, G, 5) are valid, normalised SSD labels. Introduced in 06_data.
+    """Raise DatasetError unless labels (N, G, 5) are valid, normalised SSD labels. Introduced in
+    06_data.
 
     Each row is (class, xmin, ymin, xmax, ymax): class an integer in
     0..num_classes-1 (-1: a padding row, ignored), coordinates finite and
@@ -1119,8 +1122,8 @@ def check_labels(labels, num_classes=None, where="labels", ids=None):
     rules for normalised boxes. ``ids`` names the N images (default 0..N-1).
     """
     if labels.ndim != 3 or labels.shape[-1] != 5:
-        raise DatasetError(f"{where}: expected labels (N, G, 5) of rows (class, xmin, ymin, xmax, ymax), "
-                           f"got shape {tuple(labels.shape)}")
+        raise DatasetError(f"{where}: expected labels (N, G, 5) of rows "
+                           f"(class, xmin, ymin, xmax, ymax), got shape {tuple(labels.shape)}")
     rows = labels.detach().cpu().double()
     real = (rows[..., 0] != -1).nonzero().tolist()  # [(image, row)]; class -1 rows are padding
     values = rows.tolist()
@@ -1147,13 +1150,15 @@ def _csv_text(csv_path):
     except OSError as error:
         raise DatasetError(f"{csv_path}: cannot read it ({error.strerror or error})") from None
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise DatasetError(f"{csv_path} is UTF-16 text (Excel's 'Unicode Text'): save it as 'CSV UTF-8'")
+        raise DatasetError(f"{csv_path} is UTF-16 text (Excel's 'Unicode Text'): "
+                           "save it as 'CSV UTF-8'")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         row = raw[:error.start].count(b"\n") + 1
-        raise DatasetError(f"{csv_path} row {row}: byte {raw[error.start]:#04x} is not UTF-8 (the file may be "
-                           "Latin-1 or Windows-1252). Save it as UTF-8 (in Excel: 'CSV UTF-8')") from None
+        raise DatasetError(f"{csv_path} row {row}: byte {raw[error.start]:#04x} is not UTF-8 "
+                           "(the file may be Latin-1 or Windows-1252). Save it as UTF-8 "
+                           "(in Excel: 'CSV UTF-8')") from None
 
 
 def _csv_table(csv_path, header):
@@ -1259,7 +1264,8 @@ def read_detection_folder(folder, num_classes=None):
             objects[key].append((row_number, label, box))
     images, labels = [], []
     for name, rows in objects.items():
-        image = open_image(folder / "images" / name, f"{csv_path} row {first_row[name]}", exif="refuse")
+        image = open_image(folder / "images" / name, f"{csv_path} row {first_row[name]}",
+                           exif="refuse")
         if images and image.shape != images[0].shape:
             raise DatasetError(f"{csv_path} row {first_row[name]}: image {name} is "
                                f"{tuple(image.shape)}, the first was {tuple(images[0].shape)}")
@@ -1271,7 +1277,8 @@ def read_detection_folder(folder, num_classes=None):
                 raise DatasetError(f"{csv_path} row {row_number}: "
                                    f"{problems[0][0]}; {problems[0][1]}")
         scale = torch.tensor([1.0, width, height, width, height])
-        labels.append(torch.tensor([[label, *box] for _, label, box in rows]).reshape(-1, 5) / scale)
+        labels.append(torch.tensor([[label, *box] for _, label, box in rows]).reshape(-1, 5)
+                      / scale)
         images.append(image)
     if not images:
         raise DatasetError(f"{csv_path} lists no images")
@@ -1341,24 +1348,29 @@ class TrainConfig:
     """
     epochs: int = 20
     batch_size: int = 32
-    lr: float = 0.02              # peak SGD learning rate; the book's 0.2 is too large for a per-positive loss
+    lr: float = 0.02              # peak SGD learning rate; the book's 0.2 is too large for a
+                                  # per-positive loss
     momentum: float = 0.0         # the book uses plain SGD
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0    # linear warm-up from 0, then ...
     schedule: str = "cosine"      # ... "cosine" decay to 0, or "constant" (the book)
     neg_ratio: float = 3.0        # hard negatives per positive; 0: every anchor (the book)
     bbox_weight: float = 1.0      # weight of the box loss against the class loss
-    loss_norm: str = "positives"  # "positives": sums / #positives (SSD paper); "anchors": means (the book)
+    loss_norm: str = "positives"  # "positives": sums / #positives (SSD paper); "anchors": means
+                                  # (the book)
     box_loss: str = "l1"          # "l1" (the book) or "smooth_l1" (SSD paper); 10_improvements
-    cls_loss: str = "ce"          # "ce" (cross-entropy) or "focal" (softmax focal loss, usually with neg_ratio=0
-                                  # and a net started by init_background_prior); 10_improvements
+    cls_loss: str = "ce"          # "ce" (cross-entropy) or "focal" (softmax focal loss, usually
+                                  # with neg_ratio=0 and a net started by init_background_prior);
+                                  # 10_improvements
     focal_gamma: float = 2.0      # focal loss exponent; 0 gives cross-entropy
-    focal_alpha: float = 0.25     # focal loss weight of object anchors (background: 1 - alpha), as RetinaNet
+    focal_alpha: float = 0.25     # focal loss weight of object anchors (background: 1 - alpha),
+                                  # as RetinaNet
     hflip: bool = True            # flip a random half of each batch left-right
-    augment: bool = False         # SSD's augmentation (ssd_augmentation, includes the flip); 10_improvements
+    augment: bool = False         # SSD's augmentation, given to train_ssd (10_improvements)
     bf16: str = "auto"            # bf16 autocast: "auto" (CPUs with native bf16), "on", "off"
     channels_last: str = "auto"   # "auto" (on a CPU, and with bf16), "on", "off"
-    keep_freed_memory: bool = True  # glibc keeps freed memory (keep_freed_memory(); 12_speed_and_deployment)
+    keep_freed_memory: bool = True  # glibc keeps freed memory (keep_freed_memory();
+                                    # 12_speed_and_deployment)
     seed: int = 0
 
     def __post_init__(self):
@@ -1379,8 +1391,8 @@ class TrainConfig:
             "neg_ratio": (number(0), "a finite number >= 0 (0: every anchor)"),
             "bbox_weight": (number(0), "a finite number >= 0"),
             "loss_norm": one_of("positives", "anchors"),
-            "box_loss": one_of("l1", "smooth_l1"),
-            "cls_loss": one_of("ce", "focal"),
+            "box_loss": one_of(*_BOX_LOSSES),
+            "cls_loss": one_of(*_CLASS_LOSSES),
             "focal_gamma": (number(0), "a finite number >= 0"),
             "focal_alpha": (lambda v: v is None or _is_number(v, 0, 1), "None or a number in 0..1"),
             "hflip": flag, "augment": flag, "keep_freed_memory": flag,
@@ -1392,8 +1404,8 @@ class TrainConfig:
     @classmethod
     def book_recipe(cls, **overrides):
         """The book's recipe: constant lr 0.2, every anchor in the loss, no flips."""
-        book = dict(lr=0.2, warmup_epochs=0.0, schedule="constant", neg_ratio=0.0, loss_norm="anchors",
-                    hflip=False)
+        book = dict(lr=0.2, warmup_epochs=0.0, schedule="constant", neg_ratio=0.0,
+                    loss_norm="anchors", hflip=False)
         return cls(**{**book, **overrides})
 
 
@@ -1412,17 +1424,19 @@ def default_config(num_classes=1, class_names=None):
 
 
 def default_checkpoint(fast=False):
-    """Where notebook 07 saves the default model; ``fast=True`` (pass fast_mode()): the short run's own file.
-    Introduced in 07_training."""
+    """Where notebook 07 saves the default model; ``fast=True`` (pass fast_mode()): the short run's
+    own file. Introduced in 07_training."""
     return DATA_DIR / ("tinyssd_bananas_fast.pt" if fast else "tinyssd_bananas.pt")
 
 
-def batches(images, labels, batch_size, generator=None, shuffle=True):
-    """Yield (idx (b,), images (b, 3, H, W), labels (b, G, 5)) from in-memory tensors. Used by train_ssd (07_training).
+def _batches(images, labels, batch_size, generator=None, shuffle=True):
+    """Yield (idx (b,), images (b, 3, H, W), labels (b, G, 5)) from in-memory tensors. Used by
+    train_ssd (07_training).
 
     idx holds the batch's indices into ``images``, so a message can name an image.
     """
-    order = torch.randperm(len(images), generator=generator) if shuffle else torch.arange(len(images))
+    order = (torch.randperm(len(images), generator=generator) if shuffle
+             else torch.arange(len(images)))
     for i in range(0, len(images), batch_size):
         idx = order[i:i + batch_size]
         yield idx, images[idx], labels[idx]
@@ -1442,7 +1456,8 @@ def hflip_batch(images, labels, generator=None):
 
 
 def hard_negative_mask(cls_loss, cls_labels, neg_ratio=3.0):
-    """(B, A) bool: all positives plus the ``neg_ratio`` x #positives hardest negatives. Introduced in 07_training.
+    """(B, A) bool: all positives plus the ``neg_ratio`` x #positives hardest negatives. Introduced
+    in 07_training.
 
     cls_loss: (B, A) per-anchor cross-entropy; cls_labels: (B, A), 0 = background.
     An image without positives keeps ``neg_ratio`` negatives.
@@ -1455,38 +1470,65 @@ def hard_negative_mask(cls_loss, cls_labels, neg_ratio=3.0):
     return positive | (neg_loss >= hardest.gather(1, num_neg - 1))
 
 
+def focal_loss(logits, labels, gamma=2.0, alpha=None):
+    """Softmax focal loss per row: (N, C) logits, (N,) class ids -> (N,). Introduced in
+    10_improvements.
+
+    -alpha_t (1 - p_t)^gamma log(p_t), p_t = softmax probability of the true class (Lin et al.
+    2017). gamma = 0 is cross-entropy; a larger gamma shrinks the loss of anchors that are already
+    right (p_t near 1), mostly easy background. alpha_t = alpha for object rows (label > 0) and 1 -
+    alpha for background; None: 1 for both.
+    """
+    log_pt = F.log_softmax(logits.float(), dim=-1).gather(-1, labels[:, None]).squeeze(-1)
+    # clamp: for gamma < 1 the gradient of x^gamma is infinite at x = 0 (p_t rounded to 1)
+    loss = -(-torch.expm1(log_pt)).clamp(min=1e-12).pow(gamma) * log_pt
+    return loss if alpha is None else loss * torch.where(labels > 0, alpha, 1 - alpha)
+
+
+# The losses calc_loss knows, by name (TrainConfig's cls_loss and box_loss). A new class loss is
+# one function (logits (N, C), class ids (N,), gamma, alpha) -> (N,) and one entry here.
+_CLASS_LOSSES = {
+    "ce": lambda logits, targets, gamma, alpha: F.cross_entropy(logits, targets, reduction="none"),
+    "focal": focal_loss,
+}
+_BOX_LOSSES = {"l1": F.l1_loss, "smooth_l1": F.smooth_l1_loss}
+
+
 def calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks,
               neg_ratio=0.0, bbox_weight=1.0, loss_norm="anchors",
               box_loss="l1", cls_loss="ce", focal_gamma=2.0, focal_alpha=None):
     """Per-image SSD loss (B,): class loss plus masked box loss. Introduced in 07_training.
 
-    cls_preds (B, A, C) logits; cls_labels (B, A); bbox_* (B, A * 4).
-    The defaults are the book's loss: cross-entropy and L1, both means over all
-    anchors. ``neg_ratio`` > 0 keeps only the hardest negatives; ``loss_norm=
-    "positives"`` divides both sums by the number of positive anchors instead.
-    10_improvements adds ``box_loss="smooth_l1"`` and ``cls_loss="focal"`` (``focal_gamma``, ``focal_alpha``).
+    cls_preds (B, A, C) logits; cls_labels (B, A); bbox_* (B, A * 4). The defaults are the book's
+    loss: cross-entropy and L1, both means over all anchors. ``neg_ratio`` > 0 keeps only the
+    hardest negatives; ``loss_norm="positives"`` divides both sums by the number of positive
+    anchors instead. 10_improvements adds ``box_loss="smooth_l1"`` and ``cls_loss="focal"``
+    (``focal_gamma``, ``focal_alpha``).
     """
+    _check_loss_names(cls_loss, box_loss, loss_norm)
     batch, num_anchors, num_classes = cls_preds.shape
     logits, targets = cls_preds.reshape(-1, num_classes).float(), cls_labels.reshape(-1)
-    if cls_loss == "ce":
-        cls = F.cross_entropy(logits, targets, reduction="none")
-    elif cls_loss == "focal":
-        cls = focal_loss(logits, targets, focal_gamma, focal_alpha)
-    else:
-        raise ValueError(f"cls_loss must be 'ce' or 'focal', got {cls_loss!r}")
+    cls = _CLASS_LOSSES[cls_loss](logits, targets, focal_gamma, focal_alpha)  # (B * A,)
     cls = cls.reshape(batch, num_anchors)
-    box_fn = {"l1": F.l1_loss, "smooth_l1": F.smooth_l1_loss}.get(box_loss)
-    if box_fn is None:
-        raise ValueError(f"box_loss must be 'l1' or 'smooth_l1', got {box_loss!r}")
+    box_fn = _BOX_LOSSES[box_loss]
     box = (box_fn(bbox_preds.float() * bbox_masks, bbox_labels * bbox_masks, reduction="none")
            .reshape(batch, num_anchors, 4).sum(dim=2))  # (B, A), 0 off positives
-    keep = hard_negative_mask(cls, cls_labels, neg_ratio) if neg_ratio > 0 else torch.ones_like(cls, dtype=torch.bool)
+    keep = (hard_negative_mask(cls, cls_labels, neg_ratio) if neg_ratio > 0
+            else torch.ones_like(cls, dtype=torch.bool))
     if loss_norm == "anchors":
-        return (cls * keep).sum(dim=1) / keep.sum(dim=1) + bbox_weight * box.sum(dim=1) / (4 * num_anchors)
-    if loss_norm == "positives":
-        num_pos = (cls_labels > 0).sum(dim=1).clamp(min=1)
-        return ((cls * keep).sum(dim=1) + bbox_weight * box.sum(dim=1)) / num_pos
-    raise ValueError(f"loss_norm must be 'anchors' or 'positives', got {loss_norm!r}")
+        return ((cls * keep).sum(dim=1) / keep.sum(dim=1)
+                + bbox_weight * box.sum(dim=1) / (4 * num_anchors))
+    num_pos = (cls_labels > 0).sum(dim=1).clamp(min=1)  # loss_norm == "positives"
+    return ((cls * keep).sum(dim=1) + bbox_weight * box.sum(dim=1)) / num_pos
+
+
+def _check_loss_names(cls_loss, box_loss, loss_norm):
+    """ConfigError unless calc_loss knows the losses and the normalisation asked for."""
+    _check_fields("calc_loss", dict(cls_loss=cls_loss, box_loss=box_loss, loss_norm=loss_norm), {
+        "cls_loss": (lambda v: v in _CLASS_LOSSES, " or ".join(map(repr, _CLASS_LOSSES))),
+        "box_loss": (lambda v: v in _BOX_LOSSES, " or ".join(map(repr, _BOX_LOSSES))),
+        "loss_norm": (lambda v: v in ("anchors", "positives"), "'anchors' or 'positives'"),
+    })
 
 
 @torch.no_grad()
@@ -1518,12 +1560,14 @@ def cpu_has_native_bf16():
 
 
 def pick_precision(device, bf16="auto", channels_last="auto"):
-    """(use_bf16, use_channels_last) for ``device``, from "auto" / "on" / "off". Introduced in 07_training.
+    """(use_bf16, use_channels_last) for ``device``, from "auto" / "on" / "off". Introduced in
+    07_training.
 
     channels_last speeds up convolutions on CPUs in fp32 too, and bf16 needs it.
     """
     use_bf16 = (device.type == "cpu" and cpu_has_native_bf16()) if bf16 == "auto" else bf16 == "on"
-    use_cl = (use_bf16 or device.type == "cpu") if channels_last == "auto" else channels_last == "on"
+    use_cl = ((use_bf16 or device.type == "cpu") if channels_last == "auto"
+              else channels_last == "on")
     return use_bf16, use_cl
 
 
@@ -1536,43 +1580,40 @@ def lr_at(step, total_steps, steps_per_epoch, config):
     if config.schedule == "constant":
         return config.lr
     if config.schedule == "cosine":
-        return config.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+        return config.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup)
+                                               / max(1, total_steps - warmup)))
     raise ValueError(f"schedule must be 'constant' or 'cosine', got {config.schedule!r}")
 
 
-def non_finite_tensors(state_dict):
-    """Names of the tensors of a state dict that hold NaN or inf (saving, loading and training refuse them).
-    Used by train_step and the checkpoint checks (07_training)."""
-    return [name for name, value in state_dict.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+def _non_finite_tensors(state_dict):
+    """Names of the tensors of a state dict that hold NaN or inf (saving, loading and training
+    refuse them). Used by train_step and the checkpoint checks (07_training)."""
+    return [name for name, value in state_dict.items()
+            if value.is_floating_point() and not torch.isfinite(value).all()]
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used; the message names the file and what to do. Introduced in 08_prediction."""
+    """A checkpoint file that cannot be used; the message names the file and what to do. Introduced
+    in 08_prediction."""
 
 
 # save_checkpoint's mark; it replaces only files that carry it
-CHECKPOINT_MARKER = "tinyssd-checkpoint"
+_CHECKPOINT_MARKER = "tinyssd-checkpoint"
 
 
 def save_checkpoint(path, net, **extra):
     """Save weights and config atomically (temporary file, then rename). Introduced in 07_training.
 
     Readable with ``torch.load(path, weights_only=True)``; see ``load_model``.
-    The file carries CHECKPOINT_MARKER under "made_by", and an existing file is
-    replaced only if it carries it too: any other file raises FileExistsError.
-    Weights with NaN or inf are refused.
+    The file carries made_by="tinyssd-checkpoint", and an existing file is replaced
+    only if it carries it too: any other file raises FileExistsError. Weights with
+    NaN or inf are refused (CheckpointError).
     """
     path = pathlib.Path(path)
-    if (path.exists() or path.is_symlink()) and not _is_checkpoint(path):
-        raise FileExistsError(f"{path} exists and was not written by save_checkpoint; "
-                              "nothing was written. "
-                              "Save the model under another name, or move that file away first.")
-    state = {**extra, "made_by": CHECKPOINT_MARKER,
+    state = {**extra, "made_by": _CHECKPOINT_MARKER,
              "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
              "config": dataclasses.asdict(net.config)}
-    bad = non_finite_tensors(state["state_dict"])
-    if bad:
-        raise CheckpointError(f"not saving {path}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]})")
+    _check_can_save(path, state["state_dict"])
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -1584,10 +1625,63 @@ def save_checkpoint(path, net, **extra):
             os.remove(tmp)
 
 
+def _check_can_save(path, state_dict):
+    """FileExistsError if path is a file save_checkpoint did not write; CheckpointError if a weight
+    is NaN or inf."""
+    if (path.exists() or path.is_symlink()) and not _is_checkpoint(path):
+        raise FileExistsError(f"{path} exists and was not written by save_checkpoint; "
+                              "nothing was written. "
+                              "Save the model under another name, or move that file away first.")
+    bad = _non_finite_tensors(state_dict)
+    if bad:
+        raise CheckpointError(f"not saving {path}: {len(bad)} weight tensors hold NaN or inf "
+                              f"(first: {bad[0]})")
+
+
+def read_checkpoint(path):
+    """The dict saved by save_checkpoint, read with weights_only=True; CheckpointError otherwise.
+    Shown in 08_prediction; load_model builds the model from it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes), perhaps from a copy or save that was "
+                              "cut off. Copy it again, or train again.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types, by how the bytes are broken
+        raise CheckpointError(
+            f"{path} ({size} bytes) is not a readable PyTorch checkpoint "
+            f"({type(error).__name__}). It was read with weights_only=True, which runs no code "
+            "from the file; do not load a file of unknown origin any other way. Save models "
+            "with save_checkpoint, or train again.") from None
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict)
+            and isinstance(checkpoint.get("config"), dict)):
+        found = (sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, dict)
+                 else type(checkpoint).__name__)
+        raise CheckpointError(f"{path} is a PyTorch file but not a TinySSD checkpoint: it needs a "
+                              f"'state_dict' and a 'config' (found {found}). Save models with "
+                              "save_checkpoint(path, net).")
+    return checkpoint
+
+
+def _is_checkpoint(path):
+    """True if ``path`` is a file save_checkpoint wrote (it carries _CHECKPOINT_MARKER): one it may
+    replace."""
+    path = pathlib.Path(path)
+    if path.is_symlink():
+        return False
+    try:
+        return read_checkpoint(path).get("made_by") == _CHECKPOINT_MARKER
+    except (CheckpointError, FileNotFoundError, OSError):
+        return False
+
+
 def _loss_options(config):
     """The calc_loss keyword arguments a TrainConfig sets."""
-    return {key: getattr(config, key) for key in ("neg_ratio", "bbox_weight", "loss_norm", "box_loss", "cls_loss",
-                                                  "focal_gamma", "focal_alpha")}
+    return {key: getattr(config, key) for key in ("neg_ratio", "bbox_weight", "loss_norm",
+                                                  "box_loss", "cls_loss", "focal_gamma",
+                                                  "focal_alpha")}
 
 
 @torch.no_grad()
@@ -1598,15 +1692,16 @@ def _undo_forward(net, optimizer, saved):
     optimizer.zero_grad(set_to_none=True)
 
 
-def train_step(net, optimizer, images, labels, config, device, use_bf16=False, use_cl=False, ids=None):
-    """One SGD step on a batch: images (B, 3, H, W) uint8, labels (B, G, 5). Used by train_ssd (07_training).
+def train_step(net, optimizer, images, labels, config, device, use_bf16=False, use_cl=False,
+               ids=None):
+    """One SGD step on a batch: images (B, 3, H, W) uint8, labels (B, G, 5). Used by train_ssd
+    (07_training).
 
-    Returns (loss as a float, batch_metrics). The forward pass runs under bf16
-    autocast when asked; targets and loss are float32. The batch is checked
-    first (check_images, check_labels). If a loss or a gradient is not finite,
-    no step is taken, the batch-norm statistics the forward pass moved are put
-    back, and FloatingPointError names the images (``ids``, default 0..B-1):
-    the model is left as it was before the batch.
+    Returns (loss as a float, batch_metrics). The forward pass runs under bf16 autocast when asked;
+    targets and loss are float32. The batch is checked first (check_images, check_labels). If a
+    loss, a gradient or a new weight is not finite, the step is undone (weights, optimizer state and
+    the batch-norm statistics the forward pass moved) and FloatingPointError names the images
+    (``ids``, default 0..B-1): the model is left as it was before the batch.
     """
     check_images(images, "batch", ids)
     check_labels(labels, net.config.num_classes, "batch", ids)
@@ -1618,52 +1713,60 @@ def train_step(net, optimizer, images, labels, config, device, use_bf16=False, u
         anchors, cls_preds, bbox_preds = net(X)
     with torch.no_grad():
         bbox_labels, bbox_masks, cls_labels = multibox_target(anchors.float(), labels.to(device))
-    losses = calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks, **_loss_options(config))  # (B,)
-    problem = _non_finite_loss(losses, ids)
+    losses = calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks,
+                       **_loss_options(config))  # (B,)
     optimizer.zero_grad(set_to_none=True)
-    if problem is None:
+    try:
+        _check_loss(losses, ids)
         losses.mean().backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), math.inf)  # measures, clips nothing
-        if torch.isfinite(grad_norm):
-            problem = _step_or_undo(net, optimizer)
-        else:
-            problem = f"the gradient is {grad_norm.item()} although the loss is finite"
-    if problem is not None:
+        _check_gradients(net)
+        _step_or_undo(net, optimizer)
+    except FloatingPointError:
         _undo_forward(net, optimizer, saved)
-        raise FloatingPointError(problem)
-    return losses.mean().item(), batch_metrics(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks)
+        raise
+    return losses.mean().item(), batch_metrics(cls_preds, cls_labels, bbox_preds, bbox_labels,
+                                               bbox_masks)
+
+
+def _check_loss(losses, ids):
+    """FloatingPointError naming the images unless every per-image loss (B,) is finite."""
+    bad = (~torch.isfinite(losses.detach())).nonzero()[:, 0].tolist()
+    if bad:
+        names = [int(ids[i]) if ids is not None else i for i in bad]
+        raise FloatingPointError(
+            f"the loss is {losses[bad[0]].item()} for image(s) {names[:10]}"
+            f"{' ...' if len(bad) > 10 else ''}. Their pixels and labels passed the checks, so "
+            "the model's outputs overflowed: the learning rate is likely too high for this loss; "
+            "lower config.lr")
+
+
+def _check_gradients(net):
+    """FloatingPointError if a gradient is NaN or inf although the loss was finite."""
+    # measures, clips nothing
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), math.inf)
+    if not torch.isfinite(grad_norm):
+        raise FloatingPointError(f"the gradient is {grad_norm.item()} although the loss is finite")
 
 
 @torch.no_grad()
 def _step_or_undo(net, optimizer):
-    """optimizer.step(); if it leaves a weight NaN or inf, put weights and optimizer state back and
-    say why."""
+    """optimizer.step(); if it leaves a weight NaN or inf, put weights and optimizer state back
+    and raise FloatingPointError saying why."""
     weights = [p.detach().clone() for p in net.parameters()]
     state = copy.deepcopy(optimizer.state_dict())  # e.g. momentum buffers
     optimizer.step()
-    bad = non_finite_tensors(dict(net.named_parameters()))
+    bad = _non_finite_tensors(dict(net.named_parameters()))
     if not bad:
-        return None
+        return
     for p, w in zip(net.parameters(), weights):
         p.copy_(w)
     optimizer.load_state_dict(state)
     settings = {key: optimizer.param_groups[0].get(key)
                 for key in ("lr", "momentum", "weight_decay")}
-    return (f"one SGD step made {bad[0]} NaN or inf although the loss and the gradients were "
-            f"finite: the step's size comes from the optimiser's settings {settings}, so lower "
-            "the learning rate (config.lr), or the momentum")
-
-
-def _non_finite_loss(losses, ids):
-    """None if every per-image loss (B,) is finite, else a sentence naming the images."""
-    bad = (~torch.isfinite(losses.detach())).nonzero()[:, 0].tolist()
-    if not bad:
-        return None
-    names = [int(ids[i]) if ids is not None else i for i in bad]
-    return (f"the loss is {losses[bad[0]].item()} for image(s) {names[:10]}"
-            f"{' ...' if len(bad) > 10 else ''}. "
-            "Their pixels and labels passed the checks, so the model's outputs overflowed: the "
-            "learning rate is likely too high for this loss; lower config.lr")
+    raise FloatingPointError(
+        f"one SGD step made {bad[0]} NaN or inf although the loss and the gradients were "
+        f"finite: the step's size comes from the optimiser's settings {settings}, so lower "
+        "the learning rate (config.lr), or the momentum")
 
 
 def _epoch_summary(sums, num_examples, elapsed, lr):
@@ -1674,53 +1777,79 @@ def _epoch_summary(sums, num_examples, elapsed, lr):
                 time=elapsed, examples_per_s=num_examples / elapsed)
 
 
-def per_epoch(history):
-    """The per-epoch lists of a ``train_ssd`` history (what a checkpoint keeps). Used by train_ssd (07_training)."""
+def _per_epoch(history):
+    """The per-epoch lists of a ``train_ssd`` history (what a checkpoint keeps). Used by train_ssd
+    (07_training)."""
     return {key: value for key, value in history.items() if isinstance(value, list)}
 
 
-HISTORY_KEYS = ("loss", "cls_err", "fg_err", "bbox_mae", "lr", "time", "examples_per_s", "AP50", "AP")  # per epoch
+_HISTORY_KEYS = ("loss", "cls_err", "fg_err", "bbox_mae", "lr", "time", "examples_per_s",
+                 "AP50", "AP")  # per epoch
 
 
-def _validation_ap(net, val_data, config):
-    """{"AP50": VOC AP@0.5, "AP": COCO AP@[.5:.95]} on val_data, both None without it."""
+def _validation_ap(net, val_data, evaluate, config):
+    """{"AP50": VOC AP@0.5, "AP": COCO AP@[.5:.95]} of net on val_data, both None without it."""
     if val_data is None:
         return {"AP50": None, "AP": None}
-    ap = evaluate_map(detect_images(net, val_data[0], bf16=config.bf16, channels_last=config.channels_last),
-                      val_data[1])
+    detections = detect_images(net, val_data[0], bf16=config.bf16,
+                               channels_last=config.channels_last)
+    ap = evaluate(detections, val_data[1])
     return {"AP50": ap["AP50_voc"], "AP": ap["AP"]}
 
 
-def train_ssd(net, train_data, config, device, val_data=None, checkpoint=None,
-              on_epoch_end=None, progress=True):
+def keep_freed_memory():
+    """Ask glibc to keep freed memory for reuse. Introduced in 12_speed_and_deployment.
+
+    A training step frees and allocates the same large tensors every time. By default glibc returns
+    each large block to the kernel when it is freed (munmap, heap trimming), and the next step
+    faults it back in page by page,
+    zeroed: about 300,000 minor page faults per bf16 step of 32 images (12_speed_and_deployment
+    measures it). ``mallopt(M_MMAP_MAX, 0)`` and a high ``M_TRIM_THRESHOLD`` keep the memory in the
+    process instead, as the environment variables MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...
+    would. Process-wide and lasting; train_ssd calls it when ``TrainConfig.keep_freed_memory`` is
+    True. Returns True if applied (Linux with glibc).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: macOS, Windows, musl
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def train_ssd(net, train_data, config, device, val_data=None, evaluate=None, augment=None,
+              checkpoint=None, on_epoch_end=None, progress=True):
     """Train a TinySSD; returns the history. Introduced in 07_training.
 
-    train_data, val_data: (images (N, 3, H, W) uint8, labels (N, G, 5)) in memory; with val_data, AP@0.5 and
-    AP@[.5:.95] after every epoch. checkpoint: a path, saved atomically at the end. on_epoch_end(epoch, history):
-    e.g. ``live_plot()``. The history holds per-epoch lists (HISTORY_KEYS); examples_per_s times all of an epoch's
-    work. The data are checked before any step (check_images, check_labels). A non-finite loss raises
-    FloatingPointError naming the epoch, the batch and the images (indices into train_data), and leaves the model as
-    it was before that batch. config.keep_freed_memory (default True) calls keep_freed_memory(), process-wide.
+    train_data, val_data: (images (N, 3, H, W) uint8, labels (N, G, 5)) in memory.
+    evaluate(detections, labels) -> {"AP50_voc", "AP", ...} scores val_data after every epoch:
+    notebook 07 passes evaluate_map, which 09_evaluation derives.
+    augment(images, labels, generator) -> (images, labels) replaces the flip when config.augment
+    is True: 10_improvements passes ssd_batch_augmentation().
+    checkpoint: a path, saved atomically at the end. on_epoch_end(epoch, history): e.g.
+    ``live_plot()``. The history holds per-epoch lists (_HISTORY_KEYS); examples_per_s times all
+    of an epoch's work. A non-finite loss raises FloatingPointError naming the epoch, the batch
+    and the images (indices into train_data), and leaves the model as it was before that batch.
+    config.keep_freed_memory (default True) calls keep_freed_memory(), process-wide.
     """
-    _check_before_training(net, train_data, val_data)
+    _check_before_training(net, train_data, val_data, evaluate, config, augment)
     if config.keep_freed_memory:
         keep_freed_memory()
-    precision = pick_precision(device, config.bf16, config.channels_last)  # (use_bf16, use_channels_last)
+    precision = pick_precision(device, config.bf16, config.channels_last)  # (bf16, channels_last)
     net.to(device, memory_format=torch.channels_last if precision[1] else torch.contiguous_format)
     optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
-    transform = ssd_augmentation(size=train_data[0].shape[-1]) if config.augment else None
-    history = {key: [] for key in HISTORY_KEYS} | {"bf16": precision[0], "channels_last": precision[1],
-                                                  "device": str(device)}
+    history = {key: [] for key in _HISTORY_KEYS}
+    history |= {"bf16": precision[0], "channels_last": precision[1], "device": str(device)}
     total = math.ceil(len(train_data[0]) / config.batch_size) * config.epochs
     with tqdm.auto.tqdm(total=total, desc="training", disable=not progress) as bar:
         for epoch in range(config.epochs):
             start = time.perf_counter()
-            sums, lr = _train_epoch(net, optimizer, train_data, config, device, epoch, generator, transform,
-                                    precision, bar)
+            sums, lr = _train_epoch(net, optimizer, train_data, config, device, epoch, generator,
+                                    augment, precision, bar)
             row = _epoch_summary(sums, len(train_data[0]), time.perf_counter() - start, lr)
-            row.update(_validation_ap(net, val_data, config))
+            row.update(_validation_ap(net, val_data, evaluate, config))
             for key in row:
                 history[key].append(row[key])
             bar.set_postfix(loss=f"{row['loss']:.3g}", ex_per_s=f"{row['examples_per_s']:.0f}",
@@ -1728,43 +1857,62 @@ def train_ssd(net, train_data, config, device, val_data=None, checkpoint=None,
             if on_epoch_end is not None:
                 on_epoch_end(epoch, history)
     if checkpoint is not None:
-        save_checkpoint(checkpoint, net, train_config=dataclasses.asdict(config), history=per_epoch(history))
+        save_checkpoint(checkpoint, net, train_config=dataclasses.asdict(config),
+                        history=_per_epoch(history))
     return history
 
 
-def _check_before_training(net, train_data, val_data):
-    """Refuse a model that already holds NaN, and data that fail check_images or check_labels."""
-    bad = non_finite_tensors(net.state_dict())
+def _check_before_training(net, train_data, val_data, evaluate, config, augment):
+    """Refuse a model that already holds NaN, data that fail check_images or check_labels, and
+    options that do not go together."""
+    bad = _non_finite_tensors(net.state_dict())
     if bad:
-        raise FloatingPointError(f"the model already holds NaN or inf (in {bad[0]}) before training: start from a "
-                                 "new TinySSD or reload a checkpoint with load_model")
+        raise FloatingPointError(f"the model already holds NaN or inf (in {bad[0]}) before "
+                                 "training: start from a new TinySSD or reload a checkpoint "
+                                 "with load_model")
+    if val_data is not None and evaluate is None:
+        raise TypeError("train_ssd(val_data=...) needs evaluate=, the metric that scores it, "
+                        "e.g. evaluate=H.evaluate_map (09_evaluation)")
+    if config.augment != (augment is not None):
+        raise ConfigError("TrainConfig(augment=True) and train_ssd(augment=...) go together: "
+                          "pass both, e.g. augment=H.ssd_batch_augmentation() (10_improvements), "
+                          "or neither")
     for name, data in (("train_data", train_data), ("val_data", val_data)):
-        if data is None:
-            continue
-        if not (isinstance(data, (tuple, list)) and len(data) == 2
-                and all(isinstance(t, torch.Tensor) for t in data)):
-            raise DatasetError(f"{name} must be (images, labels), two tensors as "
-                               "read_detection_folder returns, or (data.images, data.labels) of "
-                               f"read_dataset; got {type(data).__name__}")
-        if len(data[0]) != len(data[1]) or len(data[0]) == 0:
-            raise DatasetError(f"{name} holds {len(data[0])} images and {len(data[1])} labels: it "
-                               "needs at least one image, and one label tensor per image")
-        check_images(data[0], name)
-        check_labels(data[1], net.config.num_classes, name)
+        if data is not None:
+            _check_data(net, name, data)
 
 
-def _train_epoch(net, optimizer, train_data, config, device, epoch, generator, transform, precision, bar):
-    """One shuffled pass over train_data: (summed batch_metrics and loss, the last learning rate)."""
+def _check_data(net, name, data):
+    """DatasetError unless data is (images, labels) of equal, non-zero length that pass the
+    checks."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 2
+            and all(isinstance(t, torch.Tensor) for t in data)):
+        raise DatasetError(f"{name} must be (images, labels), two tensors as "
+                           "read_detection_folder returns, or (data.images, data.labels) of "
+                           f"read_dataset; got {type(data).__name__}")
+    if len(data[0]) != len(data[1]) or len(data[0]) == 0:
+        raise DatasetError(f"{name} holds {len(data[0])} images and {len(data[1])} labels: it "
+                           "needs at least one image, and one label tensor per image")
+    check_images(data[0], name)
+    check_labels(data[1], net.config.num_classes, name)
+
+
+def _train_epoch(net, optimizer, train_data, config, device, epoch, generator, augment, precision,
+                 bar):
+    """One shuffled pass over train_data: (summed batch_metrics and loss, the last learning
+    rate)."""
     images, labels = train_data
     steps_per_epoch = math.ceil(len(images) / config.batch_size)
     net.train()
-    sums = dict.fromkeys(("loss", "cls_wrong", "anchors", "fg_wrong", "fg_anchors", "bbox_abs", "bbox_values"), 0)
-    for batch, (idx, X, Y) in enumerate(batches(images, labels, config.batch_size, generator)):
-        if transform is not None:
-            X, Y = augment_batch(transform, X, Y, generator)
+    sums = dict.fromkeys(("loss", "cls_wrong", "anchors", "fg_wrong", "fg_anchors", "bbox_abs",
+                          "bbox_values"), 0)
+    for batch, (idx, X, Y) in enumerate(_batches(images, labels, config.batch_size, generator)):
+        if augment is not None:
+            X, Y = augment(X, Y, generator)
         elif config.hflip:
             X, Y = hflip_batch(X, Y, generator)
-        lr = lr_at(epoch * steps_per_epoch + batch, steps_per_epoch * config.epochs, steps_per_epoch, config)
+        lr = lr_at(epoch * steps_per_epoch + batch, steps_per_epoch * config.epochs,
+                   steps_per_epoch, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
         try:
@@ -1778,6 +1926,14 @@ def _train_epoch(net, optimizer, train_data, config, device, epoch, generator, t
         sums["loss"] += loss * len(X)
         bar.update(1)
     return sums, lr
+
+
+def _check_predictions(cls_preds, bbox_preds):
+    """RuntimeError if a model's outputs hold NaN or inf: its weights are damaged."""
+    if not (torch.isfinite(cls_preds).all() and torch.isfinite(bbox_preds).all()):
+        raise RuntimeError("the model's outputs hold NaN or inf: its weights or batch-norm "
+                           "statistics are damaged (e.g. by training on bad input). Reload it "
+                           "with load_model.")
 
 
 @torch.no_grad()
@@ -1807,7 +1963,7 @@ def detect_images(net, images, batch_size=50, pos_threshold=0.01, nms_threshold=
     return out
 
 
-def plot_history(history, axes=None):
+def _plot_history(history, axes=None):
     """Loss, error and AP per epoch from a ``train_ssd`` history. Introduced in 07_training."""
     if axes is None:
         _, axes = plt.subplots(1, 3, figsize=(13, 3.4))
@@ -1817,7 +1973,8 @@ def plot_history(history, axes=None):
     axes[1].plot(epochs, history["fg_err"], "o-", label="class error, foreground anchors")
     axes[1].plot(epochs, history["bbox_mae"], "s-", label="box MAE, positive anchors")
     axes[1].set_title("training metrics")
-    axes[1].legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8)  # below: never over the curves
+    # below: never over the curves
+    axes[1].legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8)
     if any(v is not None for v in history["AP50"]):
         axes[2].plot(epochs, history["AP50"], "o-", label="AP@0.5 (VOC)")
         axes[2].plot(epochs, history["AP"], "s-", label="AP@[.5:.95] (COCO)")
@@ -1831,13 +1988,14 @@ def plot_history(history, axes=None):
 
 
 def live_plot():
-    """An ``on_epoch_end`` for notebooks: redraws ``plot_history`` after every epoch. Introduced in 07_training."""
+    """An ``on_epoch_end`` for notebooks: redraws ``_plot_history`` after every epoch. Introduced in
+    07_training."""
     from IPython.display import display
     handle = None
 
     def redraw(epoch, history):
         nonlocal handle
-        fig = plot_history(history)[0].figure
+        fig = _plot_history(history)[0].figure
         if handle is None:
             handle = display(fig, display_id=True)
         else:
@@ -1877,52 +2035,19 @@ def load_model(path, device=None, num_classes=None):
     for another number of classes, or holding NaN weights raises CheckpointError.
     """
     path = pathlib.Path(path)
-    checkpoint = _read_checkpoint(path)
+    checkpoint = read_checkpoint(path)
     try:
-        config = SSDConfig(**{key: _as_tuples(value) for key, value in checkpoint["config"].items()})
+        config = SSDConfig(**{key: _as_tuples(value)
+                              for key, value in checkpoint["config"].items()})
         net = TinySSD(config)
     except (TypeError, ValueError, AttributeError) as error:
         raise CheckpointError(f"{path}: its config cannot build a TinySSD ({error})") from None
     if num_classes is not None and config.num_classes != num_classes:
-        raise CheckpointError(f"{path} holds a model with num_classes={config.num_classes}, not {num_classes}")
+        raise CheckpointError(f"{path} holds a model with num_classes={config.num_classes}, "
+                              f"not {num_classes}")
     _check_state_dict(path, checkpoint["state_dict"], net)
     net.load_state_dict(checkpoint["state_dict"])
     return net.to(device or "cpu").eval(), config
-
-
-def _read_checkpoint(path):
-    """The dict saved by save_checkpoint, read with weights_only=True; CheckpointError otherwise."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {path}")
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointError(f"{path} is empty (0 bytes), perhaps from a copy or save that was cut off. "
-                              "Copy it again, or train again.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types, by how the bytes are broken
-        raise CheckpointError(
-            f"{path} ({size} bytes) is not a readable PyTorch checkpoint ({type(error).__name__}). It was read "
-            "with weights_only=True, which runs no code from the file; do not load a file of unknown origin "
-            "any other way. Save models with save_checkpoint, or train again.") from None
-    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict)
-            and isinstance(checkpoint.get("config"), dict)):
-        found = sorted(map(str, checkpoint))[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise CheckpointError(f"{path} is a PyTorch file but not a TinySSD checkpoint: it needs a 'state_dict' "
-                              f"and a 'config' (found {found}). Save models with save_checkpoint(path, net).")
-    return checkpoint
-
-
-def _is_checkpoint(path):
-    """True if ``path`` is a file save_checkpoint wrote (it carries CHECKPOINT_MARKER): one it may
-    replace."""
-    path = pathlib.Path(path)
-    if path.is_symlink():
-        return False
-    try:
-        return _read_checkpoint(path).get("made_by") == CHECKPOINT_MARKER
-    except (CheckpointError, FileNotFoundError, OSError):
-        return False
 
 
 def _check_state_dict(path, state, net):
@@ -1930,8 +2055,8 @@ def _check_state_dict(path, state, net):
     expected = net.state_dict()
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
-        raise CheckpointError(f"{path}: its weights do not match its config: missing {missing[:3]}, "
-                              f"unexpected {extra[:3]}")
+        raise CheckpointError(f"{path}: its weights do not match its config: "
+                              f"missing {missing[:3]}, unexpected {extra[:3]}")
     for key, value in expected.items():
         if not isinstance(state[key], torch.Tensor):
             raise CheckpointError(f"{path}: {key} is a {type(state[key]).__name__} in the file, "
@@ -1940,14 +2065,17 @@ def _check_state_dict(path, state, net):
             hint = ""
             if key == "cls_heads.0.weight" and state[key].ndim == value.ndim:
                 classes = state[key].shape[0] // net.config.num_anchors - 1
-                hint = f"; the weights are for num_classes={classes}, its config says {net.config.num_classes}"
-            raise CheckpointError(f"{path}: {key} is {tuple(state[key].shape)} in the file, the model built "
-                                  f"from its config needs {tuple(value.shape)}{hint}")
-    bad = non_finite_tensors(state)
+                hint = (f"; the weights are for num_classes={classes}, "
+                        f"its config says {net.config.num_classes}")
+            raise CheckpointError(f"{path}: {key} is {tuple(state[key].shape)} in the file, "
+                                  "the model built from its config needs "
+                                  f"{tuple(value.shape)}{hint}")
+    bad = _non_finite_tensors(state)
     if bad:
-        raise CheckpointError(f"{path}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}), so the "
-                              "model would detect nothing. Training diverged before it was saved: use an "
-                              "earlier checkpoint or train again.")
+        raise CheckpointError(f"{path}: {len(bad)} weight tensors hold NaN or inf "
+                              f"(first: {bad[0]}), so the model would detect nothing. "
+                              "Training diverged before it was saved: use an earlier checkpoint "
+                              "or train again.")
 
 
 def _as_tuples(value):
@@ -1959,19 +2087,12 @@ def to_image_tensor(image):
     """Any image -> uint8 (3, H, W) RGB. Introduced in 08_prediction.
 
     ``image``: a file path (EXIF orientation applied), a PIL image, a numpy
-    array (H, W, C) or a tensor (C, H, W); see ``image_to_uint8`` for the
+    array (H, W, C) or a tensor (C, H, W); see ``_image_to_uint8`` for the
     rules (floats are 0..255; what is ambiguous raises DatasetError).
     """
     if isinstance(image, (str, os.PathLike)):
         return open_image(image, "image", exif="apply")
-    return image_to_uint8(image)
-
-
-def _check_predictions(cls_preds, bbox_preds):
-    """RuntimeError if a model's outputs hold NaN or inf: its weights are damaged."""
-    if not (torch.isfinite(cls_preds).all() and torch.isfinite(bbox_preds).all()):
-        raise RuntimeError("the model's outputs hold NaN or inf: its weights or batch-norm statistics are "
-                           "damaged (e.g. by training on bad input). Reload it with load_model.")
+    return _image_to_uint8(image)
 
 
 def _check_detect_options(threshold, nms_threshold=0.5, size=256, max_size=1024):
@@ -1992,7 +2113,7 @@ def detect(net, image, threshold=0.5, size=256, nms_threshold=0.5, keep_aspect=T
     (C, H, W). Integer pixels are 0..255 (uint16: 0..65535); **floats are
     0..255**, as the model takes them, and floats all within 0..1 are refused
     as ambiguous (multiply a 0..1 image by 255). Photos are turned upright by
-    their EXIF orientation; transparent pixels become white (see image_to_uint8).
+    their EXIF orientation; transparent pixels become white (see _image_to_uint8).
     The image keeps its proportions: it is scaled so that its shorter side is
     ``size`` (the training size; the longer side at most ``max_size``) and the
     model, being convolutional, runs on the whole rectangle. ``keep_aspect=False``
@@ -2012,7 +2133,8 @@ def detect(net, image, threshold=0.5, size=256, nms_threshold=0.5, keep_aspect=T
 
 
 def _model_input(image, size=256, keep_aspect=True, max_size=1024):
-    """(X (1, 3, h, w) float 0..255 scaled as detect describes, (height, width) of the upright image)."""
+    """(X (1, 3, h, w) float 0..255 scaled as detect describes, (height, width) of the upright
+    image)."""
     pixels = to_image_tensor(image)  # (3, H, W) uint8
     height, width = pixels.shape[1:]
     if keep_aspect:  # at least 64 px on the short side: five blocks halve it down to one pixel
@@ -2026,7 +2148,8 @@ def _model_input(image, size=256, keep_aspect=True, max_size=1024):
         new_size = (max(1, round(height * scale)), max(1, round(width * scale)))
     else:
         new_size = (size, size)
-    X = F.interpolate(pixels[None].float(), size=new_size, mode="bilinear", antialias=True, align_corners=False)
+    X = F.interpolate(pixels[None].float(), size=new_size, mode="bilinear", antialias=True,
+                      align_corners=False)
     return X, (height, width)
 
 
@@ -2038,12 +2161,25 @@ def _in_pixels(rows, height, width):
     return rows
 
 
-def show_detections(ax, image, detections, class_names=("banana",), colors=("w", "c", "y", "m")):
-    """Draw an image and its detections (k, 6) in pixels on ``ax``. Introduced in 08_prediction."""
-    ax.imshow(to_image_tensor(image).permute(1, 2, 0))
+# Detections are drawn in one palette, with one rule for naming classes, on matplotlib axes
+# (show_detections) and on saved images (draw_detections, 11_your_own_data).
+_DETECTION_COLORS = ("w", "c", "y", "m")  # by class id, cycling
+
+
+def _class_name(class_names, class_id):
+    """The name of class ``class_id``: from class_names if it lists it, else "class <id>"."""
+    class_id = int(class_id)
+    return (class_names[class_id] if class_names and class_id < len(class_names)
+            else f"class {class_id}")
+
+
+def show_detections(ax, image, detections, class_names=None, colors=_DETECTION_COLORS):
+    """Draw an image and its detections (k, 6), rows (class, score, xmin, ymin, xmax, ymax) in
+    pixels, on matplotlib ``ax``; each labelled "name score". Introduced in 08_prediction."""
+    ax.imshow(to_image_tensor(image).permute(1, 2, 0).numpy())
     for class_id, score, *box in detections.tolist():
-        name = class_names[int(class_id)] if int(class_id) < len(class_names) else str(int(class_id))
-        show_bboxes(ax, [box], f"{name} {score:.2f}", colors[int(class_id) % len(colors)])
+        label = f"{_class_name(class_names, class_id)} {score:.2f}"
+        show_bboxes(ax, [box], label, colors[int(class_id) % len(colors)])
     ax.axis("off")
 
 
@@ -2064,7 +2200,8 @@ def show_detections(ax, image, detections, class_names=("banana",), colors=("w",
 # COCOeval exactly, so the numbers agree with it (tests/test_map.py).
 
 def _as_image_list(batch):
-    """A batch as a list of per-image 2-D tensors: a 3-D tensor (B, rows, cols), or a list of (rows, cols)."""
+    """A batch as a list of per-image 2-D tensors: a 3-D tensor (B, rows, cols), or a list of (rows,
+    cols)."""
     if isinstance(batch, torch.Tensor):
         if batch.dim() != 3:
             raise ValueError("a batch tensor must be 3-D (batch, rows, cols)")
@@ -2085,14 +2222,16 @@ def _rows_of_class(rows, class_id):
 def match_detections(dets, gts, iou_threshold, max_detections=None):
     """Which detections of ONE class in ONE image are true positives. Introduced in 09_evaluation.
 
-    dets (k, 6) rows (class, score, xmin, ymin, xmax, ymax) of one class (column 0 is not read); gts (m, 5) rows
-    (class, xmin, ymin, xmax, ymax) of that class; a match needs IoU >= iou_threshold. max_detections: keep only
-    the best-scoring ones (None: all). Returns (is_tp bool (k',), scores (k',)) in descending score order.
+    dets (k, 6) rows (class, score, xmin, ymin, xmax, ymax) of one class (column 0 is not read); gts
+    (m, 5) rows (class, xmin, ymin, xmax, ymax) of that class; a match needs IoU >= iou_threshold.
+    max_detections: keep only the best-scoring ones (None: all). Returns (is_tp bool (k',), scores
+    (k',)) in descending score order.
 
-    The greedy COCO rule: visit detections from the highest score down (a stable sort: ties keep input order);
-    each takes the still-unmatched ground truth with the highest IoU if that IoU reaches the threshold, else it is a
-    false positive. As in pycocotools, among equally good ground truths the last is taken, and the threshold is
-    capped at 1 - 1e-10 so that 1.0 still lets a (numerically) perfect box match.
+    The greedy COCO rule: visit detections from the highest score down (a stable sort: ties keep
+    input order); each takes the still-unmatched ground truth with the highest IoU if that IoU
+    reaches the threshold, else it is a false positive. As in pycocotools, among equally good ground
+    truths the last is taken, and the threshold is capped at 1 - 1e-10 so that 1.0 still lets a
+    (numerically) perfect box match.
     """
     order = torch.sort(-dets[:, 1], stable=True).indices[:max_detections]
     dets = dets[order]
@@ -2100,8 +2239,10 @@ def match_detections(dets, gts, iou_threshold, max_detections=None):
     is_tp = torch.zeros(len(dets), dtype=torch.bool)
     if len(dets) == 0 or len(gts) == 0:
         return is_tp, scores
-    # float64 like pycocotools: in float32 an IoU exactly on a threshold can flip; 0/0 (empty boxes) -> 0
-    ious = torch.nan_to_num(torchvision.ops.box_iou(dets[:, 2:6].double(), gts[:, 1:5].double()))  # (k, m)
+    # float64 like pycocotools: in float32 an IoU exactly on a threshold can flip; 0/0 (empty boxes)
+    # -> 0
+    ious = torch.nan_to_num(torchvision.ops.box_iou(dets[:, 2:6].double(),
+                                                    gts[:, 1:5].double()))  # (k, m)
     threshold = min(iou_threshold, 1 - 1e-10)
     gt_taken = torch.zeros(len(gts), dtype=torch.bool)
     for i in range(len(dets)):
@@ -2118,9 +2259,10 @@ def match_detections(dets, gts, iou_threshold, max_detections=None):
 def precision_recall(is_tp_per_image, scores_per_image, num_gts):
     """Precision-recall curve of one class, pooled over all images. Introduced in 09_evaluation.
 
-    is_tp_per_image, scores_per_image: lists of (k_i,) tensors from match_detections; num_gts (> 0): ground-truth
-    boxes of the class in all images. Returns (recall, precision), float64 (n,) with n = sum of k_i: entry j is the
-    cut after the j+1 best detections, recall = TP / num_gts and precision = TP / (TP + FP). Ranking as in
+    is_tp_per_image, scores_per_image: lists of (k_i,) tensors from match_detections; num_gts (> 0):
+    ground-truth boxes of the class in all images. Returns (recall, precision), float64 (n,) with n
+    = sum of k_i: entry j is the cut after the j+1 best detections, recall = TP / num_gts and
+    precision = TP / (TP + FP). Ranking as in
     pycocotools: images concatenated in order, then a stable sort on -score.
     """
     if num_gts <= 0:
@@ -2145,14 +2287,19 @@ def precision_envelope(precision):
 def average_precision(recall, precision, method="coco"):
     """One precision-recall curve as one number in [0, 1]. Introduced in 09_evaluation.
 
-    recall, precision: (n,) from precision_recall (n may be 0: AP 0). Every method first replaces precision by its
-    envelope, the best precision at any recall >= r, which removes the zig-zags of the raw curve.
+    recall, precision: (n,) from precision_recall (n may be 0: AP 0). Every method first replaces
+    precision by its envelope, the best precision at any recall >= r, which removes the zig-zags of
+    the raw curve.
 
-    - "coco": 101-point, exactly as pycocotools: at each recall level r in linspace(0, 1, 101), the envelope at
-      the first cut with recall >= r (searchsorted, side "left"); levels never reached count 0. AP is their mean.
+    - "coco": 101-point, exactly as pycocotools: at each recall level r in linspace(0, 1, 101), the
+      envelope at
+      the first cut with recall >= r (searchsorted, side "left"); levels never reached count 0. AP
+      is their mean.
     - "voc": all-point (PASCAL VOC 2010 on), the exact area under the envelope, sum over j of
-      (recall[j] - recall[j-1]) * envelope[j]; only true positives move recall, so only they add area.
-    - "voc07": 11-point (VOC 2007, the SSD paper's tables, 10_improvements): the mean of the envelope at recall
+      (recall[j] - recall[j-1]) * envelope[j]; only true positives move recall, so only they add
+      area.
+    - "voc07": 11-point (VOC 2007, the SSD paper's tables, 10_improvements): the mean of the
+      envelope at recall
       0, 0.1, ..., 1.0, 0 where never reached.
     """
     recall = np.asarray(recall, dtype=np.float64)
@@ -2171,9 +2318,10 @@ def average_precision(recall, precision, method="coco"):
 def class_precision_recall(detections, ground_truths, class_id, iou_threshold, max_detections=100):
     """Precision-recall curve of one class over a whole data set. Introduced in 09_evaluation.
 
-    detections: a batch of (k, 6) rows; ground_truths: a batch of (m, 5) rows (a 3-D tensor or a list of
-    tensors). max_detections: per image, of this class, like pycocotools' maxDets. Returns (recall, precision)
-    float64 (n,), or None when the class has no ground truth (its AP is undefined and left out of the mean).
+    detections: a batch of (k, 6) rows; ground_truths: a batch of (m, 5) rows (a 3-D tensor or a
+    list of tensors). max_detections: per image, of this class, like pycocotools' maxDets. Returns
+    (recall, precision) float64 (n,), or None when the class has no ground truth (its AP is
+    undefined and left out of the mean).
     """
     dets, gts = _as_image_list(detections), _as_image_list(ground_truths)
     if len(dets) != len(gts):
@@ -2198,8 +2346,12 @@ def _infer_num_classes(dets, gts):
     return int(class_ids.max().item()) + 1 if len(class_ids) else 0
 
 
-def _ap_table(dets, gts, thresholds, num_classes, method, max_detections):
-    """AP per (IoU threshold, class): float64 (T, C), nan for a class without ground truth."""
+def ap_table(dets, gts, thresholds, num_classes, method, max_detections):
+    """AP per (IoU threshold, class): float64 (T, C), nan for a class without ground truth.
+    Introduced in 09_evaluation.
+
+    dets, gts: lists of (k, 6) and (m, 5) tensors, one per image, without padding rows.
+    """
     ap = torch.full((len(thresholds), num_classes), float("nan"), dtype=torch.float64)
     for t, threshold in enumerate(thresholds):
         for c in range(num_classes):
@@ -2209,84 +2361,81 @@ def _ap_table(dets, gts, thresholds, num_classes, method, max_detections):
     return ap
 
 
-def mean_average_precision(detections, ground_truths, iou_thresholds=(0.5,), num_classes=None, method="coco",
-                           max_detections=100):
+def mean_average_precision(detections, ground_truths, iou_thresholds=(0.5,), num_classes=None,
+                           method="coco", max_detections=100):
     """AP of every (IoU threshold, class) pair, and their means. Introduced in 09_evaluation.
 
-    detections: a batch of (k, 6) rows (class, score, xmin, ymin, xmax, ymax); ground_truths: a batch of (m, 5)
-    rows (class, xmin, ymin, xmax, ymax); a 3-D tensor or a list of tensors, class -1 rows ignored.
-    iou_thresholds: a float or a sequence, e.g. np.linspace(.5, .95, 10). num_classes: classes 0..num_classes-1
-    (default: from the largest class id present). method: "coco", "voc" or "voc07" (average_precision).
-    max_detections: per image and class, as pycocotools' maxDets. Every box counts, whatever its size.
+    detections: a batch of (k, 6) rows (class, score, xmin, ymin, xmax, ymax); ground_truths: a
+    batch of (m, 5) rows (class, xmin, ymin, xmax, ymax); a 3-D tensor or a list of tensors, class
+    -1 rows ignored.
+    iou_thresholds: a float or a sequence, e.g. np.linspace(.5, .95, 10). num_classes: classes
+    0..num_classes-1 (default: from the largest class id present). method: "coco", "voc" or "voc07"
+    (average_precision).
+    max_detections: per image and class, as pycocotools' maxDets. Every box counts, whatever its
+    size.
 
-    Returns {"map": the mean over thresholds and classes (nan if no class has ground truth), "per_class":
-    {class: AP averaged over the thresholds}, "per_threshold": {threshold rounded to 4 digits: mAP over classes},
-    "ap": float64 (T, C), nan where a class has no ground truth; such classes are left out of every mean, like
-    pycocotools' -1 entries}.
+    Returns {"map": the mean over thresholds and classes (nan if no class has ground truth),
+    "per_class": {class: AP averaged over the thresholds}, "per_threshold": {threshold rounded to 4
+    digits: mAP over classes}, "ap": float64 (T, C), nan where a class has no ground truth; such
+    classes are left out of every mean, like pycocotools' -1 entries}.
     """
     dets = [_drop_padding(d) for d in _as_image_list(detections)]
     gts = [_drop_padding(g) for g in _as_image_list(ground_truths)]
     thresholds = [float(t) for t in np.atleast_1d(iou_thresholds)]
     num_classes = _infer_num_classes(dets, gts) if num_classes is None else num_classes
-    ap = _ap_table(dets, gts, thresholds, num_classes, method, max_detections)
+    ap = ap_table(dets, gts, thresholds, num_classes, method, max_detections)
     has_gt = ~torch.isnan(ap).all(dim=0)  # (C,) classes with ground truth
     valid = ap[:, has_gt]                  # (T, number of such classes); an empty mean is nan
     return {"map": valid.mean().item(),
             "per_class": {c: ap[:, c].mean().item() for c in range(num_classes) if has_gt[c]},
-            "per_threshold": {round(th, 4): valid[t].mean().item() for t, th in enumerate(thresholds)},
+            "per_threshold": {round(th, 4): valid[t].mean().item()
+                              for t, th in enumerate(thresholds)},
             "ap": ap}
 
 
 def evaluate_map(detections, ground_truths, num_classes=None, max_detections=100):
     """The usual summary numbers, in [0, 1]. Introduced in 09_evaluation (used from 07_training on).
 
-    detections, ground_truths: batches as in mean_average_precision. Returns {"AP50": COCO-style AP at IoU 0.5,
-    "AP": COCO AP@[.5:.95] (the mean over IoU 0.50, 0.55, ..., 0.95), "AP50_voc": VOC all-point AP at IoU 0.5}.
+    detections, ground_truths: batches as in mean_average_precision. Returns {"AP50": COCO-style AP
+    at IoU 0.5, "AP": COCO AP@[.5:.95] (the mean over IoU 0.50, 0.55, ..., 0.95), "AP50_voc": VOC
+    all-point AP at IoU 0.5}.
     """
-    coco = mean_average_precision(detections, ground_truths, np.linspace(0.5, 0.95, 10), num_classes, "coco",
-                                  max_detections)
+    coco = mean_average_precision(detections, ground_truths, np.linspace(0.5, 0.95, 10),
+                                  num_classes, "coco", max_detections)
     voc = mean_average_precision(detections, ground_truths, 0.5, num_classes, "voc", max_detections)
     return {"AP50": coco["per_threshold"][0.5], "AP": coco["map"], "AP50_voc": voc["map"]}
 
 
 def plot_pr_curve(recall, precision, ax=None, label=None):
-    """Draw a precision-recall curve (n,) and its envelope into ax (default: a new figure); returns the axes.
-    Introduced in 09_evaluation."""
+    """Draw a precision-recall curve (n,) and its envelope into ax (default: a new figure); returns
+    the axes. Introduced in 09_evaluation."""
     if ax is None:
         _, ax = plt.subplots(figsize=(4.5, 4))
-    recall, precision = np.asarray(recall, dtype=np.float64), np.asarray(precision, dtype=np.float64)
-    line, = ax.plot(recall, precision, marker=".", alpha=0.5, label=f"{label} (raw)" if label else "raw")
+    recall, precision = (np.asarray(recall, dtype=np.float64),
+                         np.asarray(precision, dtype=np.float64))
+    line, = ax.plot(recall, precision, marker=".", alpha=0.5,
+                    label=f"{label} (raw)" if label else "raw")
     if len(recall):
-        # the envelope is a staircase: on (recall[j-1], recall[j]] its value is envelope[j]; drawn from recall 0
-        ax.step(np.concatenate([[0.0], recall]), precision_envelope(np.concatenate([precision[:1], precision])),
+        # the envelope is a staircase: on (recall[j-1], recall[j]] its value is envelope[j]; drawn
+        # from recall 0
+        ax.step(np.concatenate([[0.0], recall]),
+                precision_envelope(np.concatenate([precision[:1], precision])),
                 where="pre", color=line.get_color(), linestyle="--",
                 label=f"{label} (interpolated)" if label else "interpolated")
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
     ax.set_xlim(0, 1.02)
     ax.set_ylim(0, 1.02)
-    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)  # beside the axes, off the curves
+    # beside the axes, off the curves
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
     return ax
 
 
 # ---------------------------------------------------------------------------
 # 10. Improvements: focal loss and box-aware augmentation (10_improvements)
 # ---------------------------------------------------------------------------
-
-# calc_loss (section 7) calls focal_loss when TrainConfig(cls_loss="focal").
-
-def focal_loss(logits, labels, gamma=2.0, alpha=None):
-    """Softmax focal loss per row: (N, C) logits, (N,) class ids -> (N,). Introduced in 10_improvements.
-
-    -alpha_t (1 - p_t)^gamma log(p_t), p_t = softmax probability of the true class (Lin et al. 2017). gamma = 0
-    is cross-entropy; a larger gamma shrinks the loss of anchors that are already right (p_t near 1), mostly easy
-    background. alpha_t = alpha for object rows (label > 0) and 1 - alpha for background; None: 1 for both.
-    """
-    log_pt = F.log_softmax(logits.float(), dim=-1).gather(-1, labels[:, None]).squeeze(-1)
-    # clamp: for gamma < 1 the gradient of x^gamma is infinite at x = 0 (p_t rounded to 1)
-    loss = -(-torch.expm1(log_pt)).clamp(min=1e-12).pow(gamma) * log_pt
-    return loss if alpha is None else loss * torch.where(labels > 0, alpha, 1 - alpha)
-
+#
+# focal_loss lives with the other losses in section 7; this section starts the model for it.
 
 @torch.no_grad()
 def init_background_prior(net, prior=0.01):
@@ -2394,7 +2543,8 @@ def augment_sample(transform, image, label, masks=None):
 
 @contextlib.contextmanager
 def _threads(num_threads):
-    """Run torch ops on ``num_threads`` threads inside the block (None: leave the count), then restore it."""
+    """Run torch ops on ``num_threads`` threads inside the block (None: leave the count), then
+    restore it."""
     threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)
@@ -2405,7 +2555,8 @@ def _threads(num_threads):
 
 
 def augment_batch(transform, images, labels, generator=None, num_threads=1):
-    """Augment each image of a batch: (B, 3, H, W) uint8, (B, G, 5) -> new tensors. Introduced in 10_improvements.
+    """Augment each image of a batch: (B, 3, H, W) uint8, (B, G, 5) -> new tensors. Introduced in
+    10_improvements.
 
     Labels come back (B, G, 5), padded with -1 rows: the transforms only move,
     clip or drop boxes, never add any, so G rows always suffice. An image that
@@ -2422,9 +2573,10 @@ def augment_batch(transform, images, labels, generator=None, num_threads=1):
     global RNG is left as it was (generator given) or advanced by just the seed
     draw (generator None).
 
-    num_threads: torch's thread count while the transforms run, restored after (None: leave it). Per-image
-    augmentation is many tiny ops: extra threads barely help, and on a busy CPU they stall each other (measured:
-    0.2 s -> 10 s per batch of 32), so the default is 1.
+    num_threads: torch's thread count while the transforms run, restored after (None: leave it).
+    Per-image
+    augmentation is many tiny ops: extra threads barely help, and on a busy CPU they stall each
+    other (measured: 0.2 s -> 10 s per batch of 32), so the default is 1.
     """
     seeds = torch.randint(0, 2**62, (len(images),), generator=generator).tolist()
     out_images = []
@@ -2439,16 +2591,26 @@ def augment_batch(transform, images, labels, generator=None, num_threads=1):
     return out_images, out_labels
 
 
+def ssd_batch_augmentation(size=256, num_threads=1, **options):
+    """train_ssd's ``augment`` for TrainConfig(augment=True): augment_batch with
+    ssd_augmentation(size, **options), called as f(images, labels, generator). Introduced in
+    10_improvements."""
+    return functools.partial(augment_batch, ssd_augmentation(size, **options),
+                             num_threads=num_threads)
+
+
 def show_augmented(transform, images, labels, num=6, generator=None, class_names=None,
                    colors=("w", "c", "y", "m"), scale=2.0):
-    """Plot ``num`` images (top row) over an augmented copy (bottom row) with boxes. Introduced in 10_improvements.
+    """Plot ``num`` images (top row) over an augmented copy (bottom row) with boxes. Introduced in
+    10_improvements.
 
     The box colour tells the class, in a key under the figure: text labels would hide small objects.
     Returns the matplotlib figure.
     """
     images, labels = images[:num], labels[:num]
     augmented = augment_batch(transform, images, labels, generator)
-    fig, axes = plt.subplots(2, len(images), figsize=(scale * len(images), scale * 2.2), squeeze=False)
+    fig, axes = plt.subplots(2, len(images), figsize=(scale * len(images), scale * 2.2),
+                             squeeze=False)
     for row, (imgs, labs) in enumerate([(images, labels), augmented]):
         for ax, image, label in zip(axes[row], imgs, labs):
             real = label[label[:, 0] >= 0]
@@ -2462,11 +2624,12 @@ def show_augmented(transform, images, labels, num=6, generator=None, class_names
         axes[row, 0].set_ylabel(("original", "augmented")[row])
     names = class_names or [str(c) for c in range(int(labels[..., 0].max()) + 1)]
     colour_names = {"w": "white", "c": "cyan", "y": "yellow", "m": "magenta"}
-    key = [matplotlib.patches.Patch(facecolor="0.3", edgecolor=colors[c % len(colors)], lw=3,
-                                    label=f"{name} ({colour_names.get(colors[c % len(colors)], 'coloured')} box)")
+    key = [matplotlib.patches.Patch(
+               facecolor="0.3", edgecolor=colors[c % len(colors)], lw=3,
+               label=f"{name} ({colour_names.get(colors[c % len(colors)], 'coloured')} box)")
            for c, name in enumerate(names)]
-    fig.legend(handles=key, loc="lower center", ncol=len(key), frameon=False, handlelength=2.5, handleheight=1.5,
-)
+    fig.legend(handles=key, loc="lower center", ncol=len(key), frameon=False, handlelength=2.5,
+               handleheight=1.5)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     return fig
 
@@ -2479,16 +2642,18 @@ def evaluate_splits(net, splits):
     Classes without ground truth in a split (oranges in a banana split) are
     left out of that split's mean.
     """
-    return {name: evaluate_map(detect_images(net, images), labels) for name, (images, labels) in splits.items()}
+    return {name: evaluate_map(detect_images(net, images), labels)
+            for name, (images, labels) in splits.items()}
 
 
 def for_bigger_input(net, scale):
-    """A copy of a trained TinySSD for inputs ``scale`` times the training size. Introduced in 10_improvements.
+    """A copy of a trained TinySSD for inputs ``scale`` times the training size. Introduced in
+    10_improvements.
 
-    Anchor sizes are fractions of the input, so on an input twice as large every anchor is twice as large in
-    pixels, while the convolutions still see an object at its size in pixels. The copy divides the anchor sizes
-    by ``scale``: its anchors keep their training size in pixels. Same weights, nothing retrained; in eval mode,
-    on net's device.
+    Anchor sizes are fractions of the input, so on an input twice as large every anchor is twice as
+    large in pixels, while the convolutions still see an object at its size in pixels. The copy
+    divides the anchor sizes by ``scale``: its anchors keep their training size in pixels. Same
+    weights, nothing retrained; in eval mode, on net's device.
     """
     sizes = tuple(tuple(size / scale for size in scale_sizes) for scale_sizes in net.config.sizes)
     bigger = TinySSD(dataclasses.replace(net.config, sizes=sizes))
@@ -2497,7 +2662,8 @@ def for_bigger_input(net, scale):
 
 
 def train_variant(config, train_data, splits, model_config, device, checkpoint=None):
-    """Train one row of notebook 10's table from scratch and evaluate it. Introduced in 10_improvements.
+    """Train one row of notebook 10's table from scratch and evaluate it. Introduced in
+    10_improvements.
 
     config: a TrainConfig (its seed seeds the weights too; with focal loss the
     class heads start from init_background_prior); model_config: an SSDConfig;
@@ -2511,19 +2677,21 @@ def train_variant(config, train_data, splits, model_config, device, checkpoint=N
     net = TinySSD(model_config)
     if config.cls_loss == "focal":
         init_background_prior(net)
-    history = train_ssd(net, train_data, config, device, progress=False)
+    augment = ssd_batch_augmentation(train_data[0].shape[-1]) if config.augment else None
+    history = train_ssd(net, train_data, config, device, augment=augment, progress=False)
     results = evaluate_splits(net, splits)
     row = {"minutes": sum(history["time"]) / 60, "train fg error": history["fg_err"][-1]}
     for name, result in results.items():
         row[f"{name} AP50"], row[f"{name} AP"] = result["AP50_voc"], result["AP"]
     if checkpoint is not None:
         save_checkpoint(checkpoint, net, train_config=dataclasses.asdict(config), results=results,
-                        history=per_epoch(history))
+                        history=_per_epoch(history))
     return row
 
 
 # ---------------------------------------------------------------------------
-# 11. Your own data: VOC, COCO and CSV, a validation report, detection on a folder (11_your_own_data)
+# 11. Your own data: VOC, COCO and CSV, a validation report, detection on a folder
+# (11_your_own_data)
 # ---------------------------------------------------------------------------
 #
 # Each reader turns its format into the same records: one per image, holding
@@ -2532,7 +2700,7 @@ def train_variant(config, train_data, splits, model_config, device, checkpoint=N
 # file it came from). One pass (_scan) then decodes each image once, checks
 # every object, and scales the image to the model's input.
 
-CSV_DATASET_HEADER = ("image", "class", "xmin", "ymin", "xmax", "ymax")
+_CSV_DATASET_HEADER = ("image", "class", "xmin", "ymin", "xmax", "ymax")
 
 
 @dataclasses.dataclass
@@ -2572,15 +2740,18 @@ class DetectionData:
 
 
 def _problem(file, where, problem, fix, image=""):
-    """One row of the validation report: the annotation file, where in it, the image, what is wrong, what to do."""
+    """One row of the validation report: the annotation file, where in it, the image, what is wrong,
+    what to do."""
     return {"file": str(file), "where": where, "image": str(image), "problem": problem, "fix": fix}
 
 
-def _voc_records(root, split):
-    """Records of a Pascal VOC folder: Annotations/*.xml, JPEGImages/, ImageSets/Main/<split>.txt."""
+def _voc_records(root, split, image_dir=None):
+    """(records, problems, None, the list file) of a Pascal VOC folder: Annotations/*.xml,
+    JPEGImages/, ImageSets/Main/<split>.txt. Images are always in JPEGImages/."""
     list_file = root / "ImageSets" / "Main" / f"{split}.txt"
     if not list_file.is_file():
-        raise DatasetError(f"{list_file} is missing: a VOC folder lists the image ids of each split there")
+        raise DatasetError(f"{list_file} is missing: a VOC folder lists the image ids of each "
+                           "split there")
     records, problems, seen = [], [], {}
     for line_number, line in enumerate(_csv_text(list_file).splitlines(), start=1):
         if not line.strip():
@@ -2599,7 +2770,7 @@ def _voc_records(root, split):
         record = _voc_record(root, image_id, xml_path, problems)
         if record is not None:
             records.append(record)
-    return records, problems, None
+    return records, problems, None, list_file
 
 
 def _voc_record(root, image_id, xml_path, problems):
@@ -2649,7 +2820,8 @@ def _read_coco_json(json_path):
     try:
         data = json.loads(_csv_text(json_path))
     except json.JSONDecodeError as error:
-        raise DatasetError(f"{json_path} line {error.lineno}: not valid JSON ({error.msg})") from None
+        raise DatasetError(f"{json_path} line {error.lineno}: "
+                           f"not valid JSON ({error.msg})") from None
     except RecursionError:
         raise DatasetError(f"{json_path}: nested too deeply to be a COCO file") from None
     except ValueError as error:  # e.g. an integer of more digits than Python converts
@@ -2729,8 +2901,9 @@ def _coco_images(json_path, images, image_dir, problems):
     return by_id
 
 
-def _coco_records(json_path, image_dir):
-    """Records of a COCO JSON file; category ids become 0..K-1 in id order, names kept."""
+def _coco_records(json_path, split, image_dir):
+    """(records, problems, class names, json_path) of a COCO JSON file; category ids become
+    0..K-1 in id order, names kept. The file is one split: ``split`` is not used."""
     data, problems = _read_coco_json(json_path), []
     categories = _coco_categories(json_path, data["categories"], problems)
     by_id = _coco_images(json_path, data["images"], image_dir, problems)
@@ -2762,15 +2935,16 @@ def _coco_records(json_path, image_dir):
             box = [bbox[0], bbox[1], bbox[0] + bbox[2], bbox[1] + bbox[3]]
             record.objects.append(_Object(categories[category_id], box, bbox,
                                           bool(ann.get("iscrowd", 0)), where))
-    return list(by_id.values()), problems, tuple(categories.values())
+    return list(by_id.values()), problems, tuple(categories.values()), json_path
 
 
-def _csv_records(csv_path, image_dir):
-    """Records of a CSV with the header image,class,xmin,ymin,xmax,ymax (pixels), one row per box."""
+def _csv_records(csv_path, split, image_dir):
+    """(records, problems, None, csv_path) of a CSV with the header image,class,xmin,ymin,xmax,ymax
+    (pixels), one row per box. The file is one split: ``split`` is not used."""
     by_image, problems = {}, []
-    for row_number, fields in _csv_table(csv_path, CSV_DATASET_HEADER):
+    for row_number, fields in _csv_table(csv_path, _CSV_DATASET_HEADER):
         where = f"row {row_number}"
-        if len(fields) != len(CSV_DATASET_HEADER):
+        if len(fields) != len(_CSV_DATASET_HEADER):
             problems.append(_problem(csv_path, where,
                                      f"expected 6 columns, got {len(fields)}: {fields}",
                                      "one row per box: image,class,xmin,ymin,xmax,ymax"))
@@ -2789,50 +2963,60 @@ def _csv_records(csv_path, image_dir):
                                      "write four numbers in pixels", name))
         else:
             record.objects.append(_Object(label or None, written, written, False, where))
-    return list(by_image.values()), problems, None
+    return list(by_image.values()), problems, None, csv_path
+
+
+# The formats read_dataset knows: name -> (what the path is, how to tell, its reader). A new
+# format is one reader with the signature of these three, and one entry here.
+_READERS = {
+    "voc": ("a VOC folder (with Annotations/, JPEGImages/ and ImageSets/Main/)",
+            lambda path: path.is_dir() and (path / "Annotations").is_dir(), _voc_records),
+    "coco": ("a COCO .json file",
+             lambda path: path.suffix.lower() == ".json" and path.is_file(), _coco_records),
+    "csv": ("a .csv file",
+            lambda path: path.suffix.lower() == ".csv" and path.is_file(), _csv_records),
+}
 
 
 def _records(path, split, image_dir):
-    """(records, problems, class names or None) of a VOC folder, a COCO .json or a .csv file."""
+    """(records, problems, class names or None) of any format in _READERS."""
     path = pathlib.Path(path)
+    expected = ", ".join(what for what, _, _ in _READERS.values())
     if not _exists(path):
-        raise DatasetError(f"{path} does not exist: expected a VOC folder, a COCO .json file or a "
-                           ".csv file")
+        raise DatasetError(f"{path} does not exist: expected one of: {expected}")
     if image_dir is not None and not (_exists(image_dir) and pathlib.Path(image_dir).is_dir()):
         raise DatasetError(f"the image folder {image_dir} (image_dir) is not a folder")
     image_dir = pathlib.Path(image_dir) if image_dir is not None else path.parent
-    if path.is_dir() and (path / "Annotations").is_dir():
-        source, (records, problems, names) = (path / "ImageSets" / "Main" / f"{split}.txt",
-                                              _voc_records(path, split))
-    elif path.suffix.lower() == ".json" and path.is_file():
-        source, (records, problems, names) = path, _coco_records(path, image_dir)
-    elif path.suffix.lower() == ".csv" and path.is_file():
-        source, (records, problems, names) = path, _csv_records(path, image_dir)
-    else:
-        raise DatasetError(f"{path}: expected a VOC folder (with Annotations/, JPEGImages/ and "
-                           "ImageSets/Main/), a COCO .json file or a .csv file")
+    reader = next((read for _, matches, read in _READERS.values() if matches(path)), None)
+    if reader is None:
+        raise DatasetError(f"{path}: expected one of: {expected}")
+    records, problems, names, source = reader(path, split, image_dir)
     if not records and not problems:
         problems.append(_problem(source, "", "lists no images", "add the images and their labels"))
     return records, problems, names
 
 
 def _letterbox(pixels, size):
-    """(3, H, W) uint8 -> (3, size, size) uint8 with proportions kept, padded right and bottom; and the scale."""
+    """(3, H, W) uint8 -> (3, size, size) uint8 with proportions kept, padded right and bottom; and
+    the scale."""
     height, width = pixels.shape[1:]
     scale = size / max(height, width)
     new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
     if (new_h, new_w) == (height, width) == (size, size):
         return pixels, (1.0, 1.0)
-    out = torch.tensor([round(v) for v in IMAGENET_MEAN], dtype=torch.uint8).view(3, 1, 1).expand(3, size, size)
+    out = (torch.tensor([round(v) for v in IMAGENET_MEAN], dtype=torch.uint8)
+           .view(3, 1, 1).expand(3, size, size))
     out = out.contiguous()
-    resized = pixels if (new_h, new_w) == (height, width) else F.interpolate(
-        pixels[None].float(), size=(new_h, new_w), mode="bilinear", antialias=True).round().clamp(0, 255)[0]
+    resized = (pixels if (new_h, new_w) == (height, width)
+               else F.interpolate(pixels[None].float(), size=(new_h, new_w), mode="bilinear",
+                                  antialias=True).round().clamp(0, 255)[0])
     out[:, :new_h, :new_w] = resized.to(torch.uint8)
     return out, (new_w / width, new_h / height)
 
 
 def _scan(records, class_names, size):
-    """Decode each image once, check every object, scale: (images, labels, difficult, files, problems)."""
+    """Decode each image once, check every object, scale: (images, labels, difficult, files,
+    problems)."""
     class_ids = {name: i for i, name in enumerate(class_names)}
     images, labels, difficult, files, problems, seen = [], [], [], [], [], {}
     for record in records:
@@ -2850,8 +3034,9 @@ def _scan(records, class_names, size):
         height, width = pixels.shape[1:] if pixels is not None else (None, None)
         if (pixels is not None and record.size and all(record.size)
                 and tuple(record.size) != (width, height)):
-            problems.append(_problem(record.source, record.where, f"the annotation says {record.size[0]}x"
-                                     f"{record.size[1]}, the image is {width}x{height}",
+            problems.append(_problem(record.source, record.where,
+                                     f"the annotation says {record.size[0]}x{record.size[1]}, "
+                                     f"the image is {width}x{height}",
                                      "check that the boxes belong to this image", record.file.name))
         rows, flags = [], []
         for obj in record.objects:
@@ -2901,7 +3086,8 @@ def _class_names(records, names_from_file, class_names):
 
 
 def read_dataset(path, split="train", image_dir=None, class_names=None, size=256):
-    """Read a VOC folder, a COCO JSON file or a CSV file -> DetectionData. Introduced in 11_your_own_data.
+    """Read a VOC folder, a COCO JSON file or a CSV file -> DetectionData. Introduced in
+    11_your_own_data.
 
     path: a VOC folder (Annotations/*.xml, JPEGImages/, ImageSets/Main/<split>.txt;
     the difficult flag is kept), a COCO ``.json`` (category ids become 0..K-1 in
@@ -2918,8 +3104,9 @@ def read_dataset(path, split="train", image_dir=None, class_names=None, size=256
     problems += found
     if problems:
         first = problems[0]
-        raise DatasetError(f"{path}: {len(problems)} problem(s), the first: {first['file']} {first['where']} "
-                           f"({first['image']}): {first['problem']}. See them all with H.validate_dataset({str(path)!r}"
+        raise DatasetError(f"{path}: {len(problems)} problem(s), the first: {first['file']} "
+                           f"{first['where']} ({first['image']}): {first['problem']}. See them "
+                           f"all with H.validate_dataset({str(path)!r}"
                            f"{', split=' + repr(split) if split != 'train' else ''}).")
     if not images:
         raise DatasetError(f"{path} lists no images")
@@ -2952,14 +3139,15 @@ class DatasetReport:
         return not self.problems
 
     def __str__(self):
-        lines = [f"{self.path}: {self.num_images} images, {self.num_without_objects} without objects, "
-                 f"{len(self.problems)} problem(s)"]
+        lines = [f"{self.path}: {self.num_images} images, "
+                 f"{self.num_without_objects} without objects, {len(self.problems)} problem(s)"]
         if self.problems:
             lines.append(_text_table(self.problems))
         lines.append("\nper class (box side = sqrt(width x height) in the model's pixels):")
         lines.append(_text_table([{key: f"{value:.2f}" if isinstance(value, float) else value
                                    for key, value in row.items()} for row in self.classes]))
-        lines.append("anchor sides of the model (px): " + ", ".join(f"{side:.0f}" for side in self.anchor_sides))
+        lines.append("anchor sides of the model (px): "
+                     + ", ".join(f"{side:.0f}" for side in self.anchor_sides))
         return "\n".join(lines)
 
 
@@ -2968,7 +3156,8 @@ def _text_table(rows):
     keys = list(rows[0])
     widths = [max(len(str(key)), *(len(str(row[key])) for row in rows)) for key in keys]
     lines = ["  ".join(str(key).ljust(w) for key, w in zip(keys, widths)).rstrip()]
-    lines += ["  ".join(str(row[key]).ljust(w) for key, w in zip(keys, widths)).rstrip() for row in rows]
+    lines += ["  ".join(str(row[key]).ljust(w) for key, w in zip(keys, widths)).rstrip()
+              for row in rows]
     return "\n".join(lines)
 
 
@@ -2981,8 +3170,10 @@ def _class_summary(labels, class_names, config, size):
         per_image = [lab[lab[:, 0] == class_id, 1:].float() for lab in labels]
         boxes = torch.cat(per_image) if per_image else torch.zeros(0, 4)
         sides = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).sqrt() * size
-        matched = (box_iou(boxes, anchors).max(dim=1).values >= 0.5).float().mean() if len(boxes) else math.nan
-        rows.append({"class": name, "boxes": len(boxes), "images": sum(len(b) > 0 for b in per_image),
+        matched = ((box_iou(boxes, anchors).max(dim=1).values >= 0.5).float().mean()
+                   if len(boxes) else math.nan)
+        rows.append({"class": name, "boxes": len(boxes),
+                     "images": sum(len(b) > 0 for b in per_image),
                      "smallest px": sides.min().item() if len(boxes) else math.nan,
                      "median px": sides.median().item() if len(boxes) else math.nan,
                      "largest px": sides.max().item() if len(boxes) else math.nan,
@@ -2991,7 +3182,8 @@ def _class_summary(labels, class_names, config, size):
 
 
 def validate_dataset(path, split="train", image_dir=None, class_names=None, size=256, config=None):
-    """Check a dataset before training and report every problem at once. Introduced in 11_your_own_data.
+    """Check a dataset before training and report every problem at once. Introduced in
+    11_your_own_data.
 
     Same arguments as read_dataset; config: the SSDConfig whose anchors the
     boxes are compared with (default: default_config). Decodes each image once.
@@ -3004,31 +3196,9 @@ def validate_dataset(path, split="train", image_dir=None, class_names=None, size
     _, labels, _, _, found = _scan(records, names, size)
     config = config or default_config(num_classes=max(1, len(names)))
     sides = sorted({round(s * size) for scale in config.sizes for s in scale})
-    return DatasetReport(str(path), len(records), sum(len(lab) == 0 for lab in labels), tuple(problems + found),
-                         _class_summary(labels, names, config, size), tuple(sides))
-
-
-def export_dataset(root, fmt, splits, class_names):
-    """Write in-memory splits as a VOC folder, COCO JSON files or CSV files. Introduced in 11_your_own_data.
-
-    splits: {split name: (images uint8 (N, 3, H, W), labels (N, G, 5) normalised)};
-    boxes are rounded to whole pixels. fmt "voc": root/Annotations/<id>.xml,
-    JPEGImages/<id>.png, ImageSets/Main/<split>.txt. "coco": root/<split>.json
-    and root/images/. "csv": root/<split>.csv and root/images/. Written
-    atomically; an existing folder is replaced only if the series made it.
-    """
-    digest = hashlib.sha256(repr(class_names).encode())
-    for images, labels in splits.values():
-        digest.update(images.numpy().tobytes())
-        digest.update(labels.numpy().tobytes())
-    writer = {"voc": _write_voc, "coco": _write_coco, "csv": _write_csv_dataset}[fmt]
-
-    def write(tmp):
-        for split, (images, labels) in splits.items():
-            (tmp / ("JPEGImages" if fmt == "voc" else "images")).mkdir(exist_ok=True)
-            writer(tmp, split, images, labels, class_names)
-    params = dict(kind=f"{fmt}-export", version=FORMAT_VERSION, content=digest.hexdigest()[:16])
-    return _build_atomically(root, params, write)
+    return DatasetReport(str(path), len(records), sum(len(lab) == 0 for lab in labels),
+                         tuple(problems + found), _class_summary(labels, names, config, size),
+                         tuple(sides))
 
 
 def _pixel_objects(image, label):
@@ -3036,33 +3206,41 @@ def _pixel_objects(image, label):
     height, width = image.shape[1:]
     rows = label[label[:, 0] >= 0]
     boxes = (rows[:, 1:] * torch.tensor([width, height, width, height])).round().long()
-    return image.permute(1, 2, 0).numpy(), [(int(c), *b) for c, b in zip(rows[:, 0].tolist(), boxes.tolist())]
+    return (image.permute(1, 2, 0).numpy(),
+            [(int(c), *b) for c, b in zip(rows[:, 0].tolist(), boxes.tolist())])
 
 
 def _write_voc(root, split, images, labels, class_names):
+    """One split as VOC: Annotations/<id>.xml, JPEGImages/<id>.png, ImageSets/Main/<split>.txt."""
+    (root / "JPEGImages").mkdir(exist_ok=True)
     (root / "Annotations").mkdir(exist_ok=True)
     (root / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
     ids = [f"{split}_{i:06d}" for i in range(len(images))]
     for image_id, image, label in zip(ids, images, labels):
         pixels, objects = _pixel_objects(image, label)
-        Image.fromarray(pixels).save(root / "JPEGImages" / f"{image_id}.png", compress_level=PNG_COMPRESSION)
-        xml = [f"<annotation><filename>{image_id}.png</filename><size><width>{pixels.shape[1]}</width>"
-               f"<height>{pixels.shape[0]}</height><depth>3</depth></size>"]
-        for class_id, xmin, ymin, xmax, ymax in objects:  # VOC: 1-based, xmax is the last pixel inside
-            xml.append(f"<object><name>{class_names[class_id]}</name><difficult>0</difficult><bndbox>"
-                       f"<xmin>{xmin + 1}</xmin><ymin>{ymin + 1}</ymin><xmax>{xmax}</xmax><ymax>{ymax}</ymax>"
-                       "</bndbox></object>")
+        Image.fromarray(pixels).save(root / "JPEGImages" / f"{image_id}.png",
+                                     compress_level=_PNG_COMPRESSION)
+        xml = [f"<annotation><filename>{image_id}.png</filename>"
+               f"<size><width>{pixels.shape[1]}</width><height>{pixels.shape[0]}</height>"
+               "<depth>3</depth></size>"]
+        # VOC: 1-based, xmax is the last pixel inside
+        for class_id, xmin, ymin, xmax, ymax in objects:
+            xml.append(f"<object><name>{class_names[class_id]}</name><difficult>0</difficult>"
+                       f"<bndbox><xmin>{xmin + 1}</xmin><ymin>{ymin + 1}</ymin>"
+                       f"<xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox></object>")
         (root / "Annotations" / f"{image_id}.xml").write_text("".join(xml) + "</annotation>\n")
     (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
 
 
 def _write_coco(root, split, images, labels, class_names):
+    """One split as COCO: <split>.json and images/."""
+    (root / "images").mkdir(exist_ok=True)
     coco = {"images": [], "annotations": [],
             "categories": [{"id": i + 1, "name": name} for i, name in enumerate(class_names)]}
     for index, (image, label) in enumerate(zip(images, labels)):
         pixels, objects = _pixel_objects(image, label)
         name = f"images/{split}_{index:06d}.png"
-        Image.fromarray(pixels).save(root / name, compress_level=PNG_COMPRESSION)
+        Image.fromarray(pixels).save(root / name, compress_level=_PNG_COMPRESSION)
         coco["images"].append({"id": index + 1, "file_name": name, "width": pixels.shape[1],
                                "height": pixels.shape[0]})
         for class_id, xmin, ymin, xmax, ymax in objects:
@@ -3074,46 +3252,75 @@ def _write_coco(root, split, images, labels, class_names):
 
 
 def _write_csv_dataset(root, split, images, labels, class_names):
-    rows = [CSV_DATASET_HEADER]
+    """One split as CSV: <split>.csv (a row per box, pixels) and images/."""
+    (root / "images").mkdir(exist_ok=True)
+    rows = [_CSV_DATASET_HEADER]
     for index, (image, label) in enumerate(zip(images, labels)):
         pixels, objects = _pixel_objects(image, label)
         name = f"images/{split}_{index:06d}.png"
-        Image.fromarray(pixels).save(root / name, compress_level=PNG_COMPRESSION)
-        rows += [(name, class_names[c], *box) for c, *box in objects] or [(name, "", "", "", "", "")]
+        Image.fromarray(pixels).save(root / name, compress_level=_PNG_COMPRESSION)
+        rows += ([(name, class_names[c], *box) for c, *box in objects]
+                 or [(name, "", "", "", "", "")])
     with open(root / f"{split}.csv", "w", newline="") as f:
         csv.writer(f, lineterminator="\n").writerows(rows)
 
 
+# The formats export_dataset writes: name -> writer(root, split, images, labels, class_names).
+_WRITERS = {"voc": _write_voc, "coco": _write_coco, "csv": _write_csv_dataset}
+
+
+def export_dataset(root, fmt, splits, class_names):
+    """Write in-memory splits as a VOC folder, COCO JSON files or CSV files. Introduced in
+    11_your_own_data.
+
+    splits: {split name: (images uint8 (N, 3, H, W), labels (N, G, 5) normalised)};
+    boxes are rounded to whole pixels. fmt "voc": root/Annotations/<id>.xml,
+    JPEGImages/<id>.png, ImageSets/Main/<split>.txt. "coco": root/<split>.json
+    and root/images/. "csv": root/<split>.csv and root/images/. Written
+    atomically; an existing folder is replaced only if the series made it.
+    """
+    if fmt not in _WRITERS:
+        raise ConfigError(f"export_dataset: fmt must be one of {sorted(_WRITERS)}, got {fmt!r}")
+    digest = hashlib.sha256(repr(class_names).encode())
+    for images, labels in splits.values():
+        digest.update(images.numpy().tobytes())
+        digest.update(labels.numpy().tobytes())
+    writer = _WRITERS[fmt]
+
+    def write(tmp):
+        for split, (images, labels) in splits.items():
+            writer(tmp, split, images, labels, class_names)
+    params = dict(kind=f"{fmt}-export", version=_FORMAT_VERSION, content=digest.hexdigest()[:16])
+    return build_atomically(root, params, write)
+
+
 # 11b. Detection on a folder of photos, from a notebook or the shell
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
-def draw_detections(pixels, detections, class_names=None):
-    """A PIL copy of uint8 (3, H, W) pixels with detections (k, 6) drawn, labelled. Introduced in 11_your_own_data.
+def draw_detections(pixels, detections, class_names=None, colors=_DETECTION_COLORS):
+    """A PIL copy of uint8 (3, H, W) pixels with detections (k, 6) in pixels drawn and labelled
+    as show_detections does. Introduced in 11_your_own_data.
 
-    Boxes are drawn first and labels after them, the best detection's last, so a label is covered only by a
-    better one's.
+    Boxes are drawn first and labels after them, the best detection's last, so a label is covered
+    only by a better one's.
     """
     image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
     draw = ImageDraw.Draw(image)
-    colours = ((255, 255, 255), (0, 200, 255), (255, 220, 0), (255, 0, 200))
+    rgb = [tuple(round(255 * v) for v in matplotlib.colors.to_rgb(c)) for c in colors]
     rows = detections.tolist()  # best first
     for class_id, _, *box in rows:  # every box first, so that no box is drawn across a label
-        draw.rectangle(box, outline=colours[int(class_id) % len(colours)], width=2)
+        draw.rectangle(box, outline=rgb[int(class_id) % len(rgb)], width=2)
     for class_id, score, *box in reversed(rows):  # labels weakest first: the best one ends on top
-        colour = colours[int(class_id) % len(colours)]
         text = f"{_class_name(class_names, class_id)} {score:.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), text)
-        x = min(max(0, box[0]), image.width - (right - left) - 4)  # keep the label inside the image
+        x = min(max(0, box[0]), image.width - (right - left) - 4)  # keep the label inside
         y = box[1] - (bottom - top) - 4 if box[1] >= bottom - top + 4 else box[1]
-        draw.rectangle([x, y, x + right - left + 4, y + bottom - top + 4], fill=colour)
+        draw.rectangle([x, y, x + right - left + 4, y + bottom - top + 4],
+                       fill=rgb[int(class_id) % len(rgb)])
         draw.text((x + 2 - left, y + 2 - top), text, fill=(0, 0, 0))
     return image
-
-
-def _class_name(class_names, class_id):
-    return class_names[int(class_id)] if class_names and int(class_id) < len(class_names) else f"class {int(class_id)}"
 
 
 def _image_files(sources):
@@ -3127,7 +3334,7 @@ def _image_files(sources):
         if not _exists(source):
             raise FileNotFoundError(f"{source} does not exist; nothing was written")
         found = sorted(p for p in source.iterdir()
-                       if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()) \
+                       if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file()) \
             if source.is_dir() else [source]
         for path in found:
             if path.resolve() not in seen:
@@ -3167,7 +3374,7 @@ def _check_out_dir(out_dir, sources, names):
                                   "nothing was written. "
                                   "Pass another folder, so that drawings are never read as photos.")
     manifest = _read_manifest(out_dir) if out_dir.is_dir() else None
-    foreign = out_dir / MANIFEST_FILE
+    foreign = out_dir / _MANIFEST_FILE
     if manifest is None and (foreign.exists() or foreign.is_symlink()):
         raise FileExistsError(f"{foreign} was not written by the series; nothing was written. "
                               "Choose another output folder, or move that file away.")
@@ -3186,7 +3393,8 @@ def _check_out_dir(out_dir, sources, names):
 
 
 def detect_folder(net, sources, out_dir, class_names=None, threshold=0.5, echo=None):
-    """Detect on image files and folders; save drawn copies and detections.csv. Introduced in 11_your_own_data.
+    """Detect on image files and folders; save drawn copies and detections.csv. Introduced in
+    11_your_own_data.
 
     Writes out_dir/<name>_detections.png per image (a distinct name per image, see
     _drawing_names) and out_dir/detections.csv (image, class, score, xmin, ymin, xmax,
@@ -3197,7 +3405,7 @@ def detect_folder(net, sources, out_dir, class_names=None, threshold=0.5, echo=N
     """
     out_dir, files = pathlib.Path(out_dir), _image_files(sources)
     if not files:
-        raise DatasetError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in "
+        raise DatasetError(f"no image files ({', '.join(_IMAGE_SUFFIXES)}) in "
                            f"{', '.join(map(str, sources))}")
     _check_detect_options(threshold)
     names = _drawing_names(files)
@@ -3225,7 +3433,7 @@ def detect_folder(net, sources, out_dir, class_names=None, threshold=0.5, echo=N
                                "so nothing was drawn")
         with open(out_dir / "detections.csv", "w", newline="") as f:
             csv.writer(f, lineterminator="\n").writerows([("image", "class", "score",
-                                                           *CSV_DATASET_HEADER[2:]),
+                                                           *_CSV_DATASET_HEADER[2:]),
                                                           *rows])
         recorded["detections.csv"] = _file_record(out_dir / "detections.csv")
     finally:  # also after Ctrl-C: what was drawn is recorded, so a new run may replace it
@@ -3246,24 +3454,27 @@ def _score(text):
 
 
 def main(argv=None):
-    """The shell commands: ``python -m ssd_helpers detect MODEL IMAGES... --out DIR`` and ``validate PATH``.
-    Introduced in 11_your_own_data.
+    """The shell commands: ``python -m ssd_helpers detect MODEL IMAGES... --out DIR`` and ``validate
+    PATH``. Introduced in 11_your_own_data.
 
     Exit status: 0 done; 1 validate found problems; 2 an error (printed as ``error: ...``), such as
     a missing input, no image that could be read, or an option out of range.
     """
     import argparse
     import sys
-    parser = argparse.ArgumentParser(prog="python -m ssd_helpers", description="TinySSD from the shell.")
+    parser = argparse.ArgumentParser(prog="python -m ssd_helpers",
+                                     description="TinySSD from the shell.")
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("detect", help="detect objects in images and folders with a trained model")
+    run = commands.add_parser("detect",
+                              help="detect objects in images and folders with a trained model")
     run.add_argument("model", help="a checkpoint saved by train_ssd or save_checkpoint")
     run.add_argument("images", nargs="+", help="image files or folders of images")
     run.add_argument("--out", required=True, help="a folder for the drawn images and "
                      "detections.csv (not an input folder)")
     run.add_argument("--threshold", type=_score, default=0.5, help="lowest score to keep, in "
                      "(0, 1] (default 0.5)")
-    check = commands.add_parser("validate", help="report every problem of a VOC, COCO or CSV dataset")
+    check = commands.add_parser("validate",
+                                help="report every problem of a VOC, COCO or CSV dataset")
     check.add_argument("path", help="a VOC folder, a COCO .json or a .csv")
     check.add_argument("--split", default="train", help="VOC split (default train)")
     check.add_argument("--image-dir", help="where the images of a COCO or CSV file are (default: "
@@ -3288,38 +3499,21 @@ def main(argv=None):
 
 
 # ---------------------------------------------------------------------------
-# 12. Speed and deployment: the allocator, folded batch norm, one ONNX graph, torchvision's SSDlite
+# 12. Speed and deployment: folded batch norm, one ONNX graph, torchvision's SSDlite
 #     (12_speed_and_deployment)
 # ---------------------------------------------------------------------------
-#
-# train_ssd (section 7) calls keep_freed_memory when TrainConfig(keep_freed_memory=True), the default.
 
-def keep_freed_memory():
-    """Ask glibc to keep freed memory for reuse. Introduced in 12_speed_and_deployment.
-
-    A training step frees and allocates the same large tensors every time. By default glibc returns each large
-    block to the kernel when it is freed (munmap, heap trimming), and the next step faults it back in page by page,
-    zeroed: about 300,000 minor page faults per bf16 step of 32 images (12_speed_and_deployment measures it).
-    ``mallopt(M_MMAP_MAX, 0)`` and a high ``M_TRIM_THRESHOLD`` keep the memory in the process instead, as the
-    environment variables MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=... would. Process-wide and lasting;
-    train_ssd calls it when ``TrainConfig.keep_freed_memory`` is True. Returns True if applied (Linux with glibc).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: macOS, Windows, musl
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def fold_batch_norm(net):
-    """A copy of ``net`` for inference, batch norm folded into the convolutions. Introduced in 12_speed_and_deployment.
+    """A copy of ``net`` for inference, batch norm folded into the convolutions. Introduced in
+    12_speed_and_deployment.
 
-    Each BatchNorm2d that follows a Conv2d in an nn.Sequential is merged into it: in eval mode a batch norm is a
-    fixed scale and shift per channel, so it can go into the convolution's weights and bias
-    (``torch.nn.utils.fusion.fuse_conv_bn_eval``). The same outputs up to rounding, one pass over each feature map
-    fewer. The copy is in eval mode, on net's device; net is unchanged. Not for training, where batch norm uses
-    each batch's own statistics.
+    Each BatchNorm2d that follows a Conv2d in an nn.Sequential is merged into it: in eval mode a
+    batch norm is a fixed scale and shift per channel, so it can go into the convolution's weights
+    and bias (``torch.nn.utils.fusion.fuse_conv_bn_eval``). The same outputs up to rounding, one
+    pass over each feature map fewer. The copy is in eval mode, on net's device; net is unchanged.
+    Not for training, where batch norm uses each batch's own statistics.
     """
     folded = copy.deepcopy(net).eval()
     for block in folded.modules():
@@ -3331,26 +3525,28 @@ def fold_batch_norm(net):
     return folded
 
 
-# A deployed detector should take an image and return detections, with nothing left for the caller to decode.
-# ExportableDetector is TinySSD plus multibox_detection's steps for one image, written so that torch.export can
-# trace them: no Python branch on a tensor's value, and NMS as one torchvision.ops.nms call, which the exporter
-# turns into ONNX's NonMaxSuppression.
+# A deployed detector should take an image and return detections, with nothing left for the caller
+# to decode. ExportableDetector is TinySSD plus multibox_detection's steps for one image, written so
+# that torch.export can trace them: no Python branch on a tensor's value, and NMS as one
+# torchvision.ops.nms call, which the exporter turns into ONNX's NonMaxSuppression.
 
-ONNX_MARKER = "tinyssd-onnx"  # metadata key: export_onnx replaces only files that carry it
+_ONNX_MARKER = "tinyssd-onnx"  # metadata key: export_onnx replaces only files that carry it
 
 
 class ExportableDetector(nn.Module):
-    """TinySSD and its decoding in one module, for torch.onnx.export. Introduced in 12_speed_and_deployment.
+    """TinySSD and its decoding in one module, for torch.onnx.export. Introduced in
+    12_speed_and_deployment.
 
-    Input (1, 3, H, W) float pixels 0..255, H and W at least 64. Output (k, 6) rows (class, score, xmin, ymin,
-    xmax, ymax), boxes normalised to 0..1, best first: what multibox_detection(..., pre_nms_top_k=top_k) gives for
-    the image (softmax, each anchor's best class, the top_k anchors, offset decoding, NMS per class), without its
-    class -1 rows.
+    Input (1, 3, H, W) float pixels 0..255, H and W at least 64. Output (k, 6) rows (class, score,
+    xmin, ymin, xmax, ymax), boxes normalised to 0..1, best first: what multibox_detection(...,
+    pre_nms_top_k=top_k) gives for the image (softmax, each anchor's best class, the top_k anchors,
+    offset decoding, NMS per class), without its class -1 rows.
     """
 
     def __init__(self, net, nms_threshold=0.5, pos_threshold=0.009999999, top_k=400):
         super().__init__()
-        self.net, self.nms_threshold, self.pos_threshold, self.top_k = net, nms_threshold, pos_threshold, top_k
+        self.net, self.nms_threshold, self.pos_threshold, self.top_k = (
+            net, nms_threshold, pos_threshold, top_k)
 
     def forward(self, X):
         anchors, cls_preds, bbox_preds = self.net(X)
@@ -3359,36 +3555,42 @@ class ExportableDetector(nn.Module):
         scores, top = scores.topk(min(self.top_k, scores.shape[0]))  # (k,), best first
         class_ids = class_ids[top]
         boxes = offset_inverse(anchors[0, top], bbox_preds.float().reshape(-1, 4)[top])  # (k, 4)
-        # NMS per class in one call: move each class's boxes so far apart that no two classes overlap
+        # NMS per class in one call: move each class's boxes so far apart that no two classes
+        # overlap
         shifted = boxes + class_ids[:, None].to(boxes.dtype) * (boxes.max() - boxes.min() + 1)
         kept = torchvision.ops.nms(shifted, scores, self.nms_threshold)  # (n,), best first
         kept = kept[scores[kept] >= self.pos_threshold]
-        return torch.cat((class_ids[kept, None].to(boxes.dtype), scores[kept, None], boxes[kept]), dim=1)
+        return torch.cat((class_ids[kept, None].to(boxes.dtype), scores[kept, None], boxes[kept]),
+                         dim=1)
 
 
 def export_onnx(net, path, nms_threshold=0.5, max_side=2048):
-    """Write ``net`` with its decoding (ExportableDetector) as one ONNX file. Introduced in 12_speed_and_deployment.
+    """Write ``net`` with its decoding (ExportableDetector) as one ONNX file. Introduced in
+    12_speed_and_deployment.
 
-    The graph takes ``image`` (1, 3, H, W) float 0..255 with 64 <= H, W <= max_side and returns ``detections``
-    (k, 6) as ExportableDetector. It is exported with torch.export (``dynamo=True``); the file is written
-    atomically and replaces only a file that export_onnx wrote. ``net`` itself is not moved or changed.
-    Returns the path.
+    The graph takes ``image`` (1, 3, H, W) float 0..255 with 64 <= H, W <= max_side and returns
+    ``detections`` (k, 6) as ExportableDetector. It is exported with torch.export (``dynamo=True``);
+    the file is written atomically and replaces only a file that export_onnx wrote. ``net`` itself
+    is not moved or changed. Returns the path.
     """
     import onnx  # noqa: PLC0415 (only this section needs it)
 
     path = pathlib.Path(path)
     if path.is_symlink() or (path.exists() and not _is_our_onnx(path)):
-        raise FileExistsError(f"{path} exists and was not written by export_onnx; nothing was written. "
-                              "Choose another path, or move that file away first.")
+        raise FileExistsError(f"{path} exists and was not written by export_onnx; nothing was "
+                              "written. Choose another path, or move that file away first.")
     detector = ExportableDetector(copy.deepcopy(net).cpu().float().eval(), nms_threshold)
-    side = {2: torch.export.Dim("height", min=64, max=max_side), 3: torch.export.Dim("width", min=64, max=max_side)}
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
+    side = {2: torch.export.Dim("height", min=64, max=max_side),
+            3: torch.export.Dim("width", min=64, max=max_side)}
+    # the exporter's progress lines
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(detector, (torch.zeros(1, 3, 256, 256),), dynamo=True, input_names=["image"],
-                                    output_names=["detections"], dynamic_shapes={"X": side})
+        program = torch.onnx.export(detector, (torch.zeros(1, 3, 256, 256),), dynamo=True,
+                                    input_names=["image"], output_names=["detections"],
+                                    dynamic_shapes={"X": side})
     model = program.model_proto
-    onnx.helper.set_model_props(model, {ONNX_MARKER: json.dumps({"num_classes": net.config.num_classes,
-                                                                 "class_names": net.config.class_names})})
+    onnx.helper.set_model_props(model, {_ONNX_MARKER: json.dumps(
+        {"num_classes": net.config.num_classes, "class_names": net.config.class_names})})
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -3402,21 +3604,23 @@ def export_onnx(net, path, nms_threshold=0.5, max_side=2048):
 
 
 def _is_our_onnx(path):
-    """True if ``path`` is an ONNX file whose metadata carries ONNX_MARKER."""
+    """True if ``path`` is an ONNX file whose metadata carries _ONNX_MARKER."""
     import onnx  # noqa: PLC0415
 
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # noqa: BLE001 (not ONNX at all)
         return False
-    return any(prop.key == ONNX_MARKER for prop in model.metadata_props)
+    return any(prop.key == _ONNX_MARKER for prop in model.metadata_props)
 
 
 def detect_onnx(session, image, threshold=0.5, size=256, keep_aspect=True, max_size=1024):
-    """``detect`` with an onnxruntime session of export_onnx's file. Introduced in 12_speed_and_deployment.
+    """``detect`` with an onnxruntime session of export_onnx's file. Introduced in
+    12_speed_and_deployment.
 
-    session: onnxruntime.InferenceSession. The image is prepared exactly as detect prepares it; returns (k, 6)
-    rows (class, score, xmin, ymin, xmax, ymax) in the image's pixels, best first, score >= threshold.
+    session: onnxruntime.InferenceSession. The image is prepared exactly as detect prepares it;
+    returns (k, 6) rows (class, score, xmin, ymin, xmax, ymax) in the image's pixels, best first,
+    score >= threshold.
     """
     X, (height, width) = _model_input(image, size, keep_aspect, max_size)
     (rows,) = session.run(None, {"image": X.numpy()})
@@ -3428,15 +3632,18 @@ def detection_gaps(ours, theirs, width, height):
     """How far apart two sets of detections are: (largest box gap, largest score gap). Introduced in
     12_speed_and_deployment.
 
-    ours, theirs: (k, 6) rows (class, score, xmin, ymin, xmax, ymax) in the pixels of a width x height image, as
-    detect and detect_onnx return. Rows are paired one to one within their class so that the box gaps are smallest
-    overall (scipy's linear_sum_assignment), since two detectors may order near-equal scores differently. A box gap
-    is a pair's largest coordinate difference as a fraction of the image's side. Raises ValueError if the two do
-    not hold the same number of rows of each class.
+    ours, theirs: (k, 6) rows (class, score, xmin, ymin, xmax, ymax) in the pixels of a width x
+    height image, as detect and detect_onnx return. Rows are paired one to one within their class so
+    that the box gaps are smallest overall (scipy's linear_sum_assignment), since two detectors may
+    order near-equal scores differently. A box gap is a pair's largest coordinate difference as a
+    fraction of the image's side. Raises ValueError if the two do not hold the same number of rows
+    of each class.
 
-    Two runtimes round differently (scores differ by a few 1e-7), so where two anchors' scores tie that closely,
-    either may come first: at the 400th place of the top-k cut, or in NMS between overlapping boxes. The two then
-    keep a different box of the pair. Such ties are among low scores (a flat patch of image, an untrained model).
+    Two runtimes round differently (scores differ by a few 1e-7), so where two anchors' scores tie
+    that closely,
+    either may come first: at the 400th place of the top-k cut, or in NMS between overlapping boxes.
+    The two then keep a different box of the pair. Such ties are among low scores (a flat patch of
+    image, an untrained model).
     """
     from scipy.optimize import linear_sum_assignment  # noqa: PLC0415 (only this check needs it)
 
@@ -3444,8 +3651,9 @@ def detection_gaps(ours, theirs, width, height):
         return {int(c): int(n) for c, n in zip(*rows[:, 0].unique(return_counts=True))}
 
     if per_class(ours) != per_class(theirs):
-        raise ValueError(f"not the same detections: rows per class {per_class(ours)} against {per_class(theirs)}. "
-                         "If the extra rows have low scores, look for a tie (see detection_gaps' docstring).")
+        raise ValueError(f"not the same detections: rows per class {per_class(ours)} against "
+                         f"{per_class(theirs)}. If the extra rows have low scores, look for a tie "
+                         "(see detection_gaps' docstring).")
     if len(ours) == 0:
         return 0.0, 0.0
     scale = torch.tensor([width, height, width, height], dtype=ours.dtype)
@@ -3456,8 +3664,8 @@ def detection_gaps(ours, theirs, width, height):
 
 
 def latency_ms(fn, runs=100, warmup=10):
-    """Call ``fn()`` warmup + runs times; returns {"p50": ..., "p90": ...} over the timed runs, in milliseconds.
-    Introduced in 12_speed_and_deployment."""
+    """Call ``fn()`` warmup + runs times; returns {"p50": ..., "p90": ...} over the timed runs, in
+    milliseconds. Introduced in 12_speed_and_deployment."""
     for _ in range(warmup):
         fn()
     times = []
@@ -3469,17 +3677,17 @@ def latency_ms(fn, runs=100, warmup=10):
 
 
 # 12b. The same data through torchvision's SSDlite, trained from scratch for the same time
-#
-# torchvision's detection models take a list of float images in 0..1 and, for training, a list of targets with
-# boxes in pixels and labels counted from 1 (0 is their background). These three helpers translate our tensors,
-# train such a model for a fixed number of seconds and turn its detections back into our rows, so that the series'
-# own evaluate_map scores both models.
+#  torchvision's detection models take a list of float images in 0..1 and, for training, a list of
+# targets with boxes in pixels and labels counted from 1 (0 is their background). These three
+# helpers translate our tensors, train such a model for a fixed number of seconds and turn its
+# detections back into our rows, so that the series' own evaluate_map scores both models.
 
 def ssdlite_targets(labels, size):
-    """Our labels (B, G, 5), normalised, -1 padding -> torchvision's targets. Introduced in 12_speed_and_deployment.
+    """Our labels (B, G, 5), normalised, -1 padding -> torchvision's targets. Introduced in
+    12_speed_and_deployment.
 
-    Returns a list of B dicts: "boxes" (g, 4) float in pixels of a ``size`` x ``size`` image, "labels" (g,) int64
-    counted from 1.
+    Returns a list of B dicts: "boxes" (g, 4) float in pixels of a ``size`` x ``size`` image,
+    "labels" (g,) int64 counted from 1.
     """
     targets = []
     for label in labels:
@@ -3488,16 +3696,18 @@ def ssdlite_targets(labels, size):
     return targets
 
 
-def train_for_seconds(model, train_data, seconds, device, lr=0.025, batch_size=32, seed=0, progress=True):
-    """Train a torchvision detection model for ``seconds`` of wall-clock time. Introduced in 12_speed_and_deployment.
+def train_for_seconds(model, train_data, seconds, device, lr=0.025, batch_size=32, seed=0,
+                      progress=True):
+    """Train a torchvision detection model for ``seconds`` of wall-clock time. Introduced in
+    12_speed_and_deployment.
 
-    train_data: (images (N, 3, S, S) uint8, labels (N, G, 5)). SGD with momentum 0.9 and weight decay 4e-5 (as
-    torchvision's SSDlite recipe, lr scaled to the batch); the learning rate warms up linearly over the first
-    epoch's steps (as torchvision's detection reference does) under a cosine that reaches 0 at ``seconds``.
-    Flips as train_ssd's; freed memory kept, as train_ssd keeps it (keep_freed_memory); bf16 autocast where
-    pick_precision chooses it. A non-finite loss raises FloatingPointError naming the step and the images; the
-    model is left as it was before that batch. Returns {"steps", "examples", "seconds", "examples_per_s",
-    "loss" and "lr" (per step)}.
+    train_data: (images (N, 3, S, S) uint8, labels (N, G, 5)). SGD with momentum 0.9 and weight
+    decay 4e-5 (as torchvision's SSDlite recipe, lr scaled to the batch); the learning rate warms up
+    linearly over the first epoch's steps (as torchvision's detection reference does) under a cosine
+    that reaches 0 at ``seconds``. Flips as train_ssd's; freed memory kept, as train_ssd keeps it
+    (keep_freed_memory); bf16 autocast where pick_precision chooses it. A non-finite loss raises
+    FloatingPointError naming the step and the images; the model is left as it was before that
+    batch. Returns {"steps", "examples", "seconds", "examples_per_s", "loss" and "lr" (per step)}.
     """
     images, labels = train_data
     use_bf16 = pick_precision(device)[0]
@@ -3509,7 +3719,7 @@ def train_for_seconds(model, train_data, seconds, device, lr=0.025, batch_size=3
     history, start = {"steps": 0, "examples": 0, "loss": [], "lr": []}, time.perf_counter()
     with tqdm.auto.tqdm(total=round(seconds), desc="training (s)", disable=not progress) as bar:
         while time.perf_counter() - start < seconds:
-            for idx, X, Y in batches(images, labels, batch_size, generator):
+            for idx, X, Y in _batches(images, labels, batch_size, generator):
                 elapsed = (time.perf_counter() - start) / seconds  # share of the budget spent
                 if elapsed >= 1:
                     break
@@ -3518,8 +3728,10 @@ def train_for_seconds(model, train_data, seconds, device, lr=0.025, batch_size=3
                 for group in optimizer.param_groups:
                     group["lr"] = history["lr"][-1]
                 X, Y = hflip_batch(X, Y, generator)
-                history["loss"].append(_detection_step(model, optimizer, X, Y, device, use_bf16, idx))
-                history["steps"], history["examples"] = history["steps"] + 1, history["examples"] + len(X)
+                history["loss"].append(
+                    _detection_step(model, optimizer, X, Y, device, use_bf16, idx))
+                history["steps"], history["examples"] = (history["steps"] + 1,
+                                                         history["examples"] + len(X))
                 bar.update(round(time.perf_counter() - start) - bar.n)
     history["seconds"] = time.perf_counter() - start
     history["examples_per_s"] = history["examples"] / history["seconds"]
@@ -3528,16 +3740,19 @@ def train_for_seconds(model, train_data, seconds, device, lr=0.025, batch_size=3
 
 def _detection_step(model, optimizer, images, labels, device, use_bf16, ids):
     """One SGD step of a torchvision detection model on a batch; the summed loss as a float."""
-    saved = {name: buffer.clone() for name, buffer in model.named_buffers()}  # batch-norm statistics
+    # batch-norm statistics
+    saved = {name: buffer.clone() for name, buffer in model.named_buffers()}
     X = list((images.float() / 255).to(device))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        losses = model(X, [{k: v.to(device) for k, v in t.items()} for t in ssdlite_targets(labels, images.shape[-1])])
+        losses = model(X, [{k: v.to(device) for k, v in t.items()}
+                           for t in ssdlite_targets(labels, images.shape[-1])])
     loss = sum(losses.values()).float()
     optimizer.zero_grad(set_to_none=True)
     if not torch.isfinite(loss):
         _undo_forward(model, optimizer, saved)
-        raise FloatingPointError(f"the loss is {loss.item()} for the batch of images {ids.tolist()[:10]} (indices "
-                                 "into train_data); the model is left as it was before it. Lower lr.")
+        raise FloatingPointError(f"the loss is {loss.item()} for the batch of images "
+                                 f"{ids.tolist()[:10]} (indices into train_data); the model is "
+                                 "left as it was before it. Lower lr.")
     loss.backward()
     optimizer.step()
     return loss.item()
@@ -3545,10 +3760,12 @@ def _detection_step(model, optimizer, images, labels, device, use_bf16, ids):
 
 @torch.no_grad()
 def detect_torchvision(model, images, batch_size=50):
-    """A torchvision detection model's detections as our rows. Introduced in 12_speed_and_deployment.
+    """A torchvision detection model's detections as our rows. Introduced in
+    12_speed_and_deployment.
 
-    images (N, 3, H, W) uint8. Returns a list of N tensors (k, 6): (class, score, xmin, ymin, xmax, ymax), classes
-    from 0, boxes normalised to 0..1, best first: what detect_images returns for a TinySSD.
+    images (N, 3, H, W) uint8. Returns a list of N tensors (k, 6): (class, score, xmin, ymin, xmax,
+    ymax), classes from 0, boxes normalised to 0..1, best first: what detect_images returns for a
+    TinySSD.
     """
     device = next(model.parameters()).device
     model.eval()
@@ -3556,7 +3773,8 @@ def detect_torchvision(model, images, batch_size=50):
     out = []
     for i in range(0, len(images), batch_size):
         for found in model(list((images[i:i + batch_size].float() / 255).to(device))):
-            out.append(torch.cat((found["labels"][:, None].float().cpu() - 1, found["scores"][:, None].cpu(),
+            out.append(torch.cat((found["labels"][:, None].float().cpu() - 1,
+                                  found["scores"][:, None].cpu(),
                                   found["boxes"].cpu() / scale), dim=1))
     return out
 
@@ -3564,6 +3782,63 @@ def detect_torchvision(model, images, batch_size=50):
 # ---------------------------------------------------------------------------
 # Appendix: how the synthetic images are drawn (used by section 6, not taught)
 # ---------------------------------------------------------------------------
+
+# A0. The renderer's constants
+#
+# Photo-like fruit sprites (a banana and an orange) are drawn procedurally and
+# pasted on random crops of real photographs that ship inside scikit-image, so
+# nothing is ever downloaded. Conventions of this section:
+#
+# * Images are numpy arrays (H, W, 3): uint8 in 0..255 when they leave the
+#   section, float32 in 0..1 while we work on them.
+# * Sprites are float32 (h, w, 4) PREMULTIPLIED RGBA in 0..1: pasting one is
+#   ``out = rgb + (1 - alpha) * background``.
+# * A pixel belongs to an object when its visible alpha is above _ALPHA_THRESHOLD.
+# * Boxes are integer pixels (xmin, ymin, xmax, ymax) with an exclusive upper end
+#   (d2l's convention): the box covers columns xmin .. xmax - 1.
+# * Class ids: 0 = banana, 1 = orange.
+
+_IMAGE_SIZE = 256
+_BANANA, _ORANGE = 0, 1
+_ALPHA_THRESHOLD = 0.5
+_FORMAT_VERSION = 1
+_SUPERSAMPLE = 3           # sprites are drawn at 3x3 samples per pixel
+_BANANA_BOX = (34, 73)     # box sides (px) of d2l's real banana labels
+_SMALL_BANANA_BOX = (15, 30)
+_ORANGE_BOX = (26, 52)
+_FRUIT_BANANA_BOX = (30, 64)   # bananas in the multi-object scenes
+_MAX_FRUIT = 6                 # fruit scenes hold 0..6 objects
+_MAX_ASPECT = 1.5          # largest allowed ratio of the two box sides
+_MAX_OUTSIDE = 0.12        # at most 12% of a box may leave the frame per side
+_MIN_VISIBLE = 0.4         # drop objects with less than 40% left visible
+_MIN_SIDE = 6              # ... or with a visible box side below 6 px
+_PNG_COMPRESSION = 1       # fastest zlib level; PNG bytes stay deterministic
+_IMAGES_PER_CHUNK = 10     # images a drawing thread takes at a time (about 0.3 s of work)
+
+# Photos inside skimage/data (no network needed), split in two. The datasets
+# are drawn on BACKGROUND_FILES only; every test scene and "new photo" uses
+# HELD_OUT_FILES, which no model here has seen in training. Colour photos map
+# to None; grey ones map to the RGB tint they are coloured with.
+BACKGROUND_FILES = (
+    ("astronaut.png", None), ("chelsea.png", None), ("coffee.png", None),
+    ("motorcycle_left.png", None), ("rocket.jpg", None),
+    ("brick.png", (1.0, 0.72, 0.58)), ("grass.png", (0.78, 0.95, 0.55)),
+    ("gravel.png", (0.95, 0.88, 0.78)), ("camera.png", (1.0, 0.97, 0.92)),
+)
+HELD_OUT_FILES = (
+    ("ihc.png", None), ("hubble_deep_field.jpg", None), ("retina.jpg", None),
+    ("coins.png", (1.0, 0.9, 0.75)), ("moon.png", (0.85, 0.9, 1.0)),
+)
+_TEST_SCENE_FILES = ("ihc.png", "hubble_deep_field.jpg", "retina.jpg")  # the held-out colour photos
+
+# sRGB colours (0..1) of a banana peel at increasing ripeness.
+_RIPENESS_COLOURS = (
+    (0.55, 0.66, 0.20),   # green
+    (0.80, 0.82, 0.25),   # green-yellow
+    (0.97, 0.84, 0.24),   # yellow
+    (0.95, 0.79, 0.22),   # ripe, deep yellow
+)
+
 
 # A1. Drawing helpers
 def _smoothstep(edge0, edge1, x):
@@ -3621,11 +3896,11 @@ def _local_grid(canvas_hw, scale, angle, center):
     canvas_hw: (h, w) of the final sprite in pixels; scale: pixels per
     local unit; angle: rotation in radians (local -> image); center: local
     (x, y) drawn at the canvas centre. Returns float32 arrays (x, y) of
-    shape (h * SUPERSAMPLE, w * SUPERSAMPLE).
+    shape (h * _SUPERSAMPLE, w * _SUPERSAMPLE).
     """
     h, w = canvas_hw
-    ys = (np.arange(h * SUPERSAMPLE) + 0.5) / SUPERSAMPLE - h / 2
-    xs = (np.arange(w * SUPERSAMPLE) + 0.5) / SUPERSAMPLE - w / 2
+    ys = (np.arange(h * _SUPERSAMPLE) + 0.5) / _SUPERSAMPLE - h / 2
+    xs = (np.arange(w * _SUPERSAMPLE) + 0.5) / _SUPERSAMPLE - w / 2
     gx, gy = np.meshgrid(xs.astype(np.float32), ys.astype(np.float32))
     c, s = math.cos(angle), math.sin(angle)
     x = (c * gx + s * gy) / scale + center[0]
@@ -3661,7 +3936,7 @@ def _finish_sprite(linear_rgb, coverage):
     converts to sRGB (gamma 2.2) and returns float32 (H, W, 4) premultiplied.
     """
     hs, ws = coverage.shape
-    h, w, k = hs // SUPERSAMPLE, ws // SUPERSAMPLE, SUPERSAMPLE
+    h, w, k = hs // _SUPERSAMPLE, ws // _SUPERSAMPLE, _SUPERSAMPLE
     premult = np.concatenate([linear_rgb * coverage[..., None],
                               coverage[..., None]], axis=2)
     small = premult.reshape(h, k, w, k, 4).mean(axis=(1, 3))
@@ -3707,7 +3982,7 @@ class _BananaShape:
 def _random_banana_shape(rng):
     """Draw a random _BananaShape (curvature, thickness, ripeness, ...)."""
     ripeness = rng.uniform(1.7, 3.0) if rng.random() < 0.75 else rng.uniform(0.5, 1.7)
-    palette, i = np.array(RIPENESS_COLOURS), min(int(ripeness), 2)
+    palette, i = np.array(_RIPENESS_COLOURS), min(int(ripeness), 2)
     colour = palette[i] + (ripeness - i) * (palette[i + 1] - palette[i])
     colour = np.clip(colour * rng.uniform(0.92, 1.05) + rng.normal(0, 0.02, 3), 0, 1)
     neck = np.array([0.42, 0.50, 0.16]) + (ripeness / 3) * np.array([0.16, 0.06, 0.02])
@@ -3853,7 +4128,7 @@ def _draw_banana(shape, scale, angle, light):
     canvas = (math.ceil(bh * scale) + 4, math.ceil(bw * scale) + 4)
     x, y = _local_grid(canvas, scale, angle, center)
     g = _banana_geometry(shape, x, y)
-    coverage = np.clip(0.5 - g["sd"] * scale * SUPERSAMPLE, 0, 1)
+    coverage = np.clip(0.5 - g["sd"] * scale * _SUPERSAMPLE, 0, 1)
     inside = coverage > 0  # only colour the samples that are covered
     g = {key: value[inside] for key, value in g.items()}
     lx, ly = _to_local(light[:2], angle)
@@ -3939,7 +4214,7 @@ def _draw_orange(shape, scale, angle, light):
     canvas = (side, side)
     x, y = _local_grid(canvas, scale, angle, (0.0, 0.0))
     r = np.sqrt(x * x + (y / shape.squash) ** 2)
-    coverage = np.clip(0.5 - (r - 1) * scale * SUPERSAMPLE, 0, 1)
+    coverage = np.clip(0.5 - (r - 1) * scale * _SUPERSAMPLE, 0, 1)
     inside = coverage > 0
     x, y = x[inside], y[inside] / shape.squash
     z = np.sqrt(np.clip(1 - x * x - y * y, 0, 1))
@@ -4010,7 +4285,7 @@ def _colour_jitter(rng, image):
     return np.clip(image @ matrix.T.astype(np.float32), 0, 1)
 
 
-def random_background(rng, photos, size=IMAGE_SIZE):
+def random_background(rng, photos, size=_IMAGE_SIZE):
     """A random crop of a random photo: float32 (size, size, 3) in [0, 1]. Shown in 06_data.
 
     The square crop covers 30-100% of the photo's shorter side, is
@@ -4039,7 +4314,7 @@ def _orange_outline(shape, n=64):
 
 def _sprite_functions(class_id):
     """(random shape, outline points, renderer) functions for a class id."""
-    if class_id == BANANA:
+    if class_id == _BANANA:
         return _random_banana_shape, _banana_outline, _draw_banana
     return _random_orange_shape, _orange_outline, _draw_orange
 
@@ -4048,7 +4323,7 @@ def _sample_sprite(rng, class_id, side_range, light):
     """Render a random object whose box sides fall inside side_range (px).
 
     Tries random shapes/angles until the box aspect (long side / short
-    side) is at most min(MAX_ASPECT, hi / lo), then picks a scale so that
+    side) is at most min(_MAX_ASPECT, hi / lo), then picks a scale so that
     both box sides lie in [lo, hi] (after 50 failed tries the last shape
     is used at the smallest fitting scale). Returns
     (sprite float32 (h, w, 4) premultiplied, (box_w, box_h) predicted px).
@@ -4058,7 +4333,7 @@ def _sample_sprite(rng, class_id, side_range, light):
     for _ in range(50):
         shape, angle = random_shape(rng), rng.uniform(0, 2 * math.pi)
         _, (bw, bh) = _rotated_extent(outline(shape), angle)
-        if max(bw, bh) <= min(MAX_ASPECT, hi / lo) * min(bw, bh):
+        if max(bw, bh) <= min(_MAX_ASPECT, hi / lo) * min(bw, bh):
             break
     low, high = lo / min(bw, bh), hi / max(bw, bh)
     scale = rng.uniform(low, max(low, high))
@@ -4066,10 +4341,10 @@ def _sample_sprite(rng, class_id, side_range, light):
 
 
 def _random_position(rng, sprite_hw, box_wh, size):
-    """Top-left (y0, x0) ints for a sprite so that at most MAX_OUTSIDE of
+    """Top-left (y0, x0) ints for a sprite so that at most _MAX_OUTSIDE of
     its box (centred in the sprite) leaves the frame on any side."""
     (h, w), (bw, bh) = sprite_hw, box_wh
-    keep = 0.5 - MAX_OUTSIDE
+    keep = 0.5 - _MAX_OUTSIDE
     cx = rng.uniform(keep * bw, size - keep * bw)
     cy = rng.uniform(keep * bh, size - keep * bh)
     return int(round(cy - h / 2)), int(round(cx - w / 2))
@@ -4106,18 +4381,18 @@ def _visible_masks(alphas, full_counts):
     alphas: list of float32 (H, W) frame alphas, in drawing order;
     full_counts: pixels each sprite would cover if alone and unclipped.
     An object's visible alpha is its alpha times the transparency of every
-    KEPT object drawn after it; its mask is visible alpha > ALPHA_THRESHOLD.
-    Objects keeping < MIN_VISIBLE of their pixels or with a box side
-    < MIN_SIDE are dropped. Returns {index: bool mask} for kept objects.
+    KEPT object drawn after it; its mask is visible alpha > _ALPHA_THRESHOLD.
+    Objects keeping < _MIN_VISIBLE of their pixels or with a box side
+    < _MIN_SIDE are dropped. Returns {index: bool mask} for kept objects.
     """
     cover = np.ones_like(alphas[0]) if alphas else None
     kept = {}
     for i in reversed(range(len(alphas))):
-        mask = alphas[i] * cover > ALPHA_THRESHOLD
-        if mask.sum() < MIN_VISIBLE * max(full_counts[i], 1):
+        mask = alphas[i] * cover > _ALPHA_THRESHOLD
+        if mask.sum() < _MIN_VISIBLE * max(full_counts[i], 1):
             continue
         x0, y0, x1, y1 = _tight_box(mask)
-        if min(x1 - x0, y1 - y0) >= MIN_SIDE:
+        if min(x1 - x0, y1 - y0) >= _MIN_SIDE:
             kept[i] = mask
             cover = cover * (1 - alphas[i])
     return kept
@@ -4182,7 +4457,7 @@ def _camera_finish(rng, image):
     return np.uint8(np.clip(image, 0, 1) * 255 + 0.5)
 
 
-def render_scene(rng, photos, objects, size=IMAGE_SIZE):
+def render_scene(rng, photos, objects, size=_IMAGE_SIZE):
     """Render one photo-like scene with fruit on a real photo background. Shown in 06_data.
 
     rng: np.random.Generator; photos: list from load_backgrounds();
@@ -4202,7 +4477,7 @@ def render_scene(rng, photos, objects, size=IMAGE_SIZE):
         y0, x0 = _random_position(rng, sprite.shape[:2], box_wh, size)
         placed.append((class_id, sprite, y0, x0))
     alphas = [_frame_alpha(s, y0, x0, size) for _, s, y0, x0 in placed]
-    counts = [(s[..., 3] > ALPHA_THRESHOLD).sum() for _, s, _, _ in placed]
+    counts = [(s[..., 3] > _ALPHA_THRESHOLD).sum() for _, s, _, _ in placed]
     kept = _visible_masks(alphas, counts)
     boxes, masks = [], []
     for i, (class_id, sprite, y0, x0) in enumerate(placed):
@@ -4235,14 +4510,14 @@ def _image_rng(seed, name, index):
     return np.random.default_rng([seed, tag, index])
 
 
-def _banana_scene(rng, photos, side_range=BANANA_BOX):
+def _banana_scene(rng, photos, side_range=_BANANA_BOX):
     """One image with exactly one banana: (uint8 (256, 256, 3), boxes (1, 5)).
 
     Re-renders (with the same rng, so still deterministic) in the rare case
     the banana ends up mostly outside the frame and gets dropped.
     """
     while True:
-        image, boxes, _ = render_scene(rng, photos, [(BANANA, *side_range)])
+        image, boxes, _ = render_scene(rng, photos, [(_BANANA, *side_range)])
         if len(boxes) == 1:
             return image, boxes
 
@@ -4253,8 +4528,8 @@ def _fruit_scene(rng, photos):
     Classes are drawn 50/50. Boxes may be fewer than the objects asked
     for: objects hidden behind others are dropped (see render_scene).
     """
-    count = int(rng.integers(0, MAX_FRUIT + 1))
-    ranges = {BANANA: FRUIT_BANANA_BOX, ORANGE: ORANGE_BOX}
+    count = int(rng.integers(0, _MAX_FRUIT + 1))
+    ranges = {_BANANA: _FRUIT_BANANA_BOX, _ORANGE: _ORANGE_BOX}
     objects = [(c, *ranges[c]) for c in rng.integers(0, 2, count).tolist()]
     image, boxes, _ = render_scene(rng, photos, objects)
     return image, boxes
@@ -4282,13 +4557,14 @@ def _write_split(folder, tag, seed, count, scene, tick, workers):
     scene(rng, photos) -> (uint8 image, boxes (n, 5)); the rng of image N
     is _image_rng(seed, tag, N), tag naming dataset and split, such as
     "bananas:train". No image depends on another, so `workers` threads
-    draw chunks of IMAGES_PER_CHUNK images at once (numpy and PIL release
+    draw chunks of _IMAGES_PER_CHUNK images at once (numpy and PIL release
     the GIL for most of the work); the files are the same bytes for any
     number of workers. tick(n) is called as each chunk of n images is done.
     On an error or Ctrl-C the threads stop after the image they are on.
     """
     (folder / "images").mkdir(parents=True)
-    chunks = [range(start, min(start + IMAGES_PER_CHUNK, count)) for start in range(0, count, IMAGES_PER_CHUNK)]
+    chunks = [range(start, min(start + _IMAGES_PER_CHUNK, count))
+              for start in range(0, count, _IMAGES_PER_CHUNK)]
     own, stop = threading.local(), threading.Event()
 
     def draw(indices):
@@ -4299,7 +4575,8 @@ def _write_split(folder, tag, seed, count, scene, tick, workers):
             if stop.is_set():
                 break
             image, boxes = scene(_image_rng(seed, tag, index), own.photos)
-            Image.fromarray(image).save(folder / "images" / f"{index}.png", compress_level=PNG_COMPRESSION)
+            Image.fromarray(image).save(folder / "images" / f"{index}.png",
+                                        compress_level=_PNG_COMPRESSION)
             rows += _csv_rows(f"{index}.png", boxes)
         return rows
 
@@ -4316,20 +4593,22 @@ def _write_split(folder, tag, seed, count, scene, tick, workers):
 
 
 def _default_workers():
-    """How many threads draw a dataset's images: the cores this process may use, at most 8. (Two threads draw
-    1.5x as fast as one, so the GIL keeps about a third of the work serial: more threads add little.)"""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """How many threads draw a dataset's images: the cores this process may use, at most 8. (Two
+    threads draw 1.5x as fast as one, so the GIL keeps about a third of the work serial: more
+    threads add little.)"""
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)
     return min(cores, 8)
 
 
 # Ownership. Whatever the series writes into a folder (a dataset, an export, detect_folder's
-# drawings, a notebook's scratch folder) is recorded there, in MANIFEST_FILE: each file's path, size
-# and SHA-256. A rebuild removes or replaces only files that are in that record and unchanged since;
-# any other file, or a changed one, stops it before it touches anything. Names prove nothing.
+# drawings, a notebook's scratch folder) is recorded there, in _MANIFEST_FILE: each file's path,
+# size and SHA-256. A rebuild removes or replaces only files that are in that record and unchanged
+# since; any other file, or a changed one, stops it before it touches anything. Names prove nothing.
 # Checkpoints and ONNX files carry their marker inside instead (save_checkpoint, export_onnx).
 
-MANIFEST_FILE = ".tinyssd-manifest.json"
-MADE_BY = "tinyssd-notebooks"
+_MANIFEST_FILE = ".tinyssd-manifest.json"
+_MADE_BY = "tinyssd-notebooks"
 
 
 def _file_record(path):
@@ -4348,14 +4627,14 @@ def _read_manifest(folder):
     files: {relative POSIX path: _file_record}, or None for a scratch folder, all of which is a
     notebook's.
     """
-    path = pathlib.Path(folder) / MANIFEST_FILE
+    path = pathlib.Path(folder) / _MANIFEST_FILE
     if path.is_symlink() or not path.is_file():
         return None
     try:
         manifest = json.loads(path.read_bytes())
     except (OSError, ValueError):  # unreadable, or not JSON: not a record the series wrote
         return None
-    if not (isinstance(manifest, dict) and manifest.get("made_by") == MADE_BY
+    if not (isinstance(manifest, dict) and manifest.get("made_by") == _MADE_BY
             and isinstance(manifest.get("files"), (dict, type(None)))):
         return None
     return manifest
@@ -4371,13 +4650,13 @@ def _write_manifest(folder, kind, params=None, files="all"):
     if files == "all":
         files = {p.relative_to(folder).as_posix(): _file_record(p)
                  for p in sorted(folder.rglob("*"))
-                 if p.is_file() and p.name != MANIFEST_FILE}
-    text = json.dumps({"made_by": MADE_BY, "kind": kind, "params": params, "files": files},
+                 if p.is_file() and p.name != _MANIFEST_FILE}
+    text = json.dumps({"made_by": _MADE_BY, "kind": kind, "params": params, "files": files},
                       indent=1)
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_FILE}.", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{_MANIFEST_FILE}.", dir=folder)
     with os.fdopen(fd, "w") as f:
         f.write(text + "\n")
-    os.replace(tmp, folder / MANIFEST_FILE)
+    os.replace(tmp, folder / _MANIFEST_FILE)
 
 
 def _is_unchanged(path, record):
@@ -4413,7 +4692,7 @@ def _unowned_files(folder, files=(), base=None):
         files, base = manifest["files"], folder
     found = []
     for path in sorted(folder.iterdir()):
-        if manifest is not None and path.name == MANIFEST_FILE:
+        if manifest is not None and path.name == _MANIFEST_FILE:
             continue
         if path.is_dir() and not path.is_symlink():
             found += _unowned_files(path, files, base)
@@ -4496,8 +4775,9 @@ def _progress_ticker(progress, total):
     return lambda n: None, lambda: None
 
 
-def _build_atomically(root, params, write):
+def build_atomically(root, params, write):
     """Create the folder `root` all at once, or reuse a finished one made with the same params.
+    Used by every dataset and export the series writes; shown in 06_data.
 
     Otherwise write(tmp) fills a fresh temporary sibling folder, the manifest of every file in it is
     written last, and the folder is renamed to root. root is replaced only if everything in it is
@@ -4531,7 +4811,7 @@ def _generate_detection_dataset(root, prefix, scene, seed, num_train, num_val,
     and root/<prefix>_val with `scene` (see _write_split); returns root.
     workers: threads that draw the images (default: one per usable core)."""
     workers = workers or _default_workers()
-    params = dict(kind=kind, version=FORMAT_VERSION, seed=seed,
+    params = dict(kind=kind, version=_FORMAT_VERSION, seed=seed,
                   num_train=num_train, num_val=num_val)
 
     def write(tmp):
@@ -4542,7 +4822,7 @@ def _generate_detection_dataset(root, prefix, scene, seed, num_train, num_val,
                             seed, count, scene, tick, workers)
         finally:
             close()
-    return _build_atomically(root, params, write)
+    return build_atomically(root, params, write)
 
 
 def _boxes_overlap(boxes):
@@ -4556,22 +4836,22 @@ def _boxes_overlap(boxes):
 
 
 def make_test_scene(path_jpg="img/banana.jpg", path_csv="img/banana.csv", seed=0, overwrite=False):
-    """Write a 256x256 JPEG (quality 95) with 3-4 separate bananas + labels. Named in 06_data; made img/banana.jpg.
+    """Write a 256x256 JPEG (quality 95) with 3-4 separate bananas + labels. Named in 06_data; made
+    img/banana.jpg.
 
-    Banana box sides are spread over ~30..80 px, at random angles, on a
-    held-out colour photo (TEST_SCENE_FILES, never in a training set); scenes are re-drawn until no two boxes overlap
-    and all bananas lie fully inside the frame.
-    path_csv gets the usual header and one row per banana, img_name being
-    the JPEG's file name. Deterministic in seed. Returns boxes int64 (n, 5).
-    An existing file with other contents is replaced only with overwrite=True.
+    Banana box sides are spread over ~30..80 px, at random angles, on a held-out colour photo
+    (_TEST_SCENE_FILES, never in a training set); scenes are re-drawn until no two boxes overlap and
+    all bananas lie fully inside the frame. path_csv gets the usual header and one row per banana,
+    img_name being the JPEG's file name. Deterministic in seed. Returns boxes int64 (n, 5). An
+    existing file with other contents is replaced only with overwrite=True.
     """
     rng = _image_rng(seed, "test-scene", 0)
-    photos = load_backgrounds(TEST_SCENE_FILES)
+    photos = load_backgrounds(_TEST_SCENE_FILES)
     sizes = [(30, 46), (38, 58), (46, 70), (54, 80)]
     count = int(rng.integers(3, 5))
     picked = sorted(rng.choice(len(sizes), count, replace=False).tolist())
-    objects = [(BANANA, *sizes[i]) for i in picked]
-    size = IMAGE_SIZE
+    objects = [(_BANANA, *sizes[i]) for i in picked]
+    size = _IMAGE_SIZE
     while True:
         image, boxes, _ = render_scene(rng, photos, objects, size)
         if (len(boxes) == count and boxes[:, 1:3].min() > 0
@@ -4585,22 +4865,12 @@ def make_test_scene(path_jpg="img/banana.jpg", path_csv="img/banana.csv", seed=0
     contents = {path_jpg: jpg.getvalue(), path_csv: table.getvalue().encode()}
     for path, data in contents.items():
         if path.exists() and path.read_bytes() != data and not overwrite:
-            raise FileExistsError(f"{path} exists and differs from the test scene; nothing was written. "
-                                  "Pass another path, or overwrite=True to replace it.")
+            raise FileExistsError(f"{path} exists and differs from the test scene; nothing was "
+                                  "written. Pass another path, or overwrite=True to replace it.")
     for path, data in contents.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     return boxes
-
-
-def draw_boxes(image, boxes, colours=((255, 255, 255), (0, 190, 255))):
-    """Copy of a uint8 (H, W, 3) image with boxes (n, 5) drawn as 1-px rectangles; box columns xmin..xmax-1 are
-    covered (exclusive max). Used by the dataset tests."""
-    pil = Image.fromarray(image)
-    draw = ImageDraw.Draw(pil)
-    for class_id, x0, y0, x1, y1 in np.asarray(boxes).tolist():
-        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colours[class_id % len(colours)])
-    return np.asarray(pil)
 
 
 if __name__ == "__main__":

@@ -115,7 +115,8 @@ class SeedTinySSD(nn.Module):
         num_anchors = len(SEED_SIZES[0]) + len(SEED_RATIOS[0]) - 1
         for i in range(5):
             setattr(self, f"blk_{i}", seed_get_blk(i))
-            setattr(self, f"cls_{i}", seed_cls_predictor(idx_to_in_channels[i], num_anchors, num_classes))
+            setattr(self, f"cls_{i}",
+                    seed_cls_predictor(idx_to_in_channels[i], num_anchors, num_classes))
             setattr(self, f"bbox_{i}", seed_bbox_predictor(idx_to_in_channels[i], num_anchors))
 
     def forward(self, X):
@@ -181,7 +182,8 @@ def seed_step(net, trainer, features, target, device):
 def book_step(images, labels, batch_ids, device):
     """The book's training step as a function of a batch of ids, for interleaved_seconds.
 
-    Its DataLoader (d2l's BananasDataset) yields batch_ids in order, so call it once per row of batch_ids, in turn.
+    Its DataLoader (d2l's BananasDataset) yields batch_ids in order, so call it once per row of
+    batch_ids, in turn.
     """
     seed_iter = iter(torch.utils.data.DataLoader(SeedBananasDataset(images, labels),
                                                  batch_sampler=batch_ids.tolist()))
@@ -196,7 +198,8 @@ def book_step(images, labels, batch_ids, device):
 
 
 def interleaved_seconds(variants, batch_ids, warmup):
-    """Seconds each variant ({name: function of a batch of ids}) spent on the batches after the first ``warmup``.
+    """Seconds each variant ({name: function of a batch of ids}) spent on the batches after the
+    first ``warmup``.
 
     The variants run in turn on each batch, so a busy moment of the machine hits them alike.
     """
@@ -225,13 +228,17 @@ def bench_training(batches, warmup, title, compile_step=False):
     device = torch.device("cpu")
     images, labels = H.read_detection_folder(H.generate_banana_detection() / "bananas_train")
     n = (warmup + batches) * 32
-    batch_ids = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:n].reshape(-1, 32)
+    batch_ids = torch.randperm(len(images),
+                               generator=torch.Generator().manual_seed(0))[:n].reshape(-1, 32)
     variants = {"book (d2l, fp32 NCHW)": book_step(images, labels, batch_ids, device)}
     native_bf16 = H.cpu_has_native_bf16()
-    ours = [("ours fp32 NCHW", False, False, False, 2), ("ours fp32 channels_last", False, True, False, 2),
+    ours = [("ours fp32 NCHW", False, False, False, 2),
+            ("ours fp32 channels_last", False, True, False, 2),
             ("ours bf16 channels_last", True, True, False, 2),
-            ("ours bf16 cl, book's block", True, True, False, 1)]  # first_stride=1, not the default model
-    if compile_step:  # --compile: the model's forward compiled by torch.compile (inductor), compiled in warm-up
+            # first_stride=1, not the default model
+            ("ours bf16 cl, book's block", True, True, False, 1)]
+    # --compile: the model's forward compiled by torch.compile (inductor), compiled in warm-up
+    if compile_step:
         ours.append(("ours bf16 cl, compiled", True, True, True, 2))
     for name, bf16, cl, compiled, first_stride in ours:
         if bf16 and not native_bf16:
@@ -248,7 +255,8 @@ def bench_training(batches, warmup, title, compile_step=False):
             H.train_step(net, opt, images[ids], labels[ids], config, device, bf16, cl)
         variants[name] = run
     spent = interleaved_seconds(variants, batch_ids, warmup)
-    print(f"training step, {title}: {batches} timed batches of 32 per variant (interleaved), {warmup} warm-up")
+    print(f"training step, {title}: {batches} timed batches of 32 per variant (interleaved), "
+          f"{warmup} warm-up")
     book = batches * 32 / spent["book (d2l, fp32 NCHW)"]
     rates = {}
     for name, seconds in spent.items():
@@ -258,14 +266,17 @@ def bench_training(batches, warmup, title, compile_step=False):
 
 
 def main():
-    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")  # the book's metrics
+    # the book's metrics
+    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeat", type=int, default=5, help="rounds per timing (best is kept)")
-    parser.add_argument("--batches", type=int, default=12, help="timed training batches per variant")
+    parser.add_argument("--batches", type=int, default=12,
+                        help="timed training batches per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training batches first")
     parser.add_argument("--skip-training", action="store_true", help="only the helper benchmarks")
     parser.add_argument("--compile", action="store_true",
-                        help="also time our bf16 step with the model compiled by torch.compile (needs a C++ compiler)")
+                        help="also time our bf16 step with the model compiled by torch.compile "
+                             "(needs a C++ compiler)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with torch.no_grad():
@@ -273,17 +284,19 @@ def main():
         bench_multibox_target(anchors, args.repeat)
         bench_multibox_detection(anchors, args.repeat)
     if not args.skip_training:
-        before = bench_training(args.batches, args.warmup, "glibc's default allocator (the book's setting)",
-                                args.compile)
+        before = bench_training(args.batches, args.warmup,
+                                "glibc's default allocator (the book's setting)", args.compile)
         if H.keep_freed_memory():  # what train_ssd does (TrainConfig.keep_freed_memory)
-            after = bench_training(args.batches, args.warmup, "glibc keeping freed memory (train_ssd's setting)",
+            after = bench_training(args.batches, args.warmup,
+                                   "glibc keeping freed memory (train_ssd's setting)",
                                    args.compile)
-            defaults = {name: rate for name, rate in after.items()  # what train_ssd runs on the default model
+            # what train_ssd runs on the default model
+            defaults = {name: rate for name, rate in after.items()
                         if "compiled" not in name and "book's block" not in name}
             best = max(defaults, key=defaults.get)
             book, ours = before["book (d2l, fp32 NCHW)"], defaults[best]
-            print(f"as each runs by default: {best} with kept memory {ours:.1f} examples/s against the book's "
-                  f"{book:.1f} with the default allocator: {ours / book:.2f}x")
+            print(f"as each runs by default: {best} with kept memory {ours:.1f} examples/s "
+                  f"against the book's {book:.1f} with the default allocator: {ours / book:.2f}x")
 
 
 if __name__ == "__main__":

@@ -6,10 +6,21 @@ result list, runs COCOeval (bbox) silently and returns (AP, AP50).
 import contextlib
 import io
 
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from ssd_helpers import _as_image_list, _drop_padding
+
+def image_list(batch):
+    """A batch as per-image 2-D tensors: a 3-D tensor (B, rows, cols), or a list of (rows, cols)."""
+    if isinstance(batch, torch.Tensor):
+        return list(batch.unbind(0))
+    return [torch.as_tensor(rows) for rows in batch]
+
+
+def real_rows(rows):
+    """The real rows of (n, cols): padding rows have class id -1."""
+    return rows[rows[:, 0] >= 0]
 
 
 def _xywh(xmin, ymin, xmax, ymax):
@@ -24,8 +35,8 @@ def to_coco(detections, ground_truths, num_classes):
     Image ids are 1 + image index and category ids are 1 + class id.
     Annotation ids start at 1: COCOeval uses id 0 to mean "unmatched".
     """
-    dets = [_drop_padding(d) for d in _as_image_list(detections)]
-    gts = [_drop_padding(g) for g in _as_image_list(ground_truths)]
+    dets = [real_rows(d) for d in image_list(detections)]
+    gts = [real_rows(g) for g in image_list(ground_truths)]
     annotations, results = [], []
     for image_index, rows in enumerate(gts):
         for row in rows.tolist():

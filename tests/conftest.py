@@ -10,8 +10,8 @@ import ssd_helpers as H
 # HYPOTHESIS_PROFILE=long runs about a thousand examples per property.
 # The default profile draws the same examples on every run (derandomize), so `make test` does not
 # pass or fail by chance; the long one explores anew and keeps what it finds in .hypothesis/.
-settings.register_profile("default", max_examples=25, deadline=None, derandomize=True, database=None,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("default", max_examples=25, deadline=None, derandomize=True,
+                          database=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("long", settings.get_profile("default"), max_examples=1000,
                           derandomize=False, database=settings.default.database)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))

@@ -21,7 +21,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 import ssd_helpers as H
-from ssd_helpers import _PhotometricDistort, augment_batch, augment_sample, ssd_augmentation
+from ssd_helpers import augment_batch, augment_sample, ssd_augmentation
 
 TOL = 1.5  # px: nearest-neighbour resizing of the masks moves an edge by < 1 px
 TIGHT_TOL = 3.0  # px: shrinking may also skip a thin sliver of object at an edge
@@ -52,7 +52,8 @@ def scenes():
         rect = torch.zeros_like(obj)
         for i, (_, x0, y0, x1, y1) in enumerate(boxes.tolist()):
             rect[i, y0:y1, x0:x1] = i + 1
-        label = torch.tensor(boxes, dtype=torch.float32) / torch.tensor([1.0, SIZE, SIZE, SIZE, SIZE])
+        label = (torch.tensor(boxes, dtype=torch.float32)
+                 / torch.tensor([1.0, SIZE, SIZE, SIZE, SIZE]))
         out.append((torch.from_numpy(image).permute(2, 0, 1).contiguous(), label,
                     torch.stack([obj, rect], dim=1)))
     return out
@@ -91,7 +92,8 @@ def check(image, label, in_label, out, may_cut, stats):
         if pixels is None:
             stats["vanished"] += 1
             continue
-        assert (pixels[:2] >= box[:2] - TOL).all() and (pixels[2:] <= box[2:] + TOL).all(), (box, pixels)
+        assert ((pixels[:2] >= box[:2] - TOL).all()
+                and (pixels[2:] <= box[2:] + TOL).all()), (box, pixels)
         # (c) uncut objects: the box is tight
         clipped = (expected[:2] <= 0).any() or expected[2] >= width or expected[3] >= height
         if may_cut and clipped:
@@ -103,6 +105,15 @@ def check(image, label, in_label, out, may_cut, stats):
     stats["dropped"] += len(in_label) - len(indices)
 
 
+def photometric(channel_swap=False, p=1.0):
+    """ssd_augmentation's photometric distortion on its own, each part applied with probability
+    p."""
+    [step] = [t for t in ssd_augmentation(channel_swap=channel_swap).transforms
+              if isinstance(t, v2.RandomPhotometricDistort)]
+    step.p = p
+    return step
+
+
 def mean_fill():
     return {tv_tensors.Image: tuple(round(m) for m in H.IMAGENET_MEAN), "others": 0}
 
@@ -111,7 +122,7 @@ SINGLE = {
     "flip": (lambda: v2.RandomHorizontalFlip(p=1.0), False),
     "zoom_out": (lambda: v2.RandomZoomOut(fill=mean_fill(), side_range=(1.0, 2.5), p=1.0), False),
     "iou_crop": (lambda: v2.Compose([v2.RandomIoUCrop(), v2.SanitizeBoundingBoxes()]), True),
-    "photometric": (lambda: _PhotometricDistort(p=1.0), False),
+    "photometric": (photometric, False),
     "resize_down": (lambda: v2.Resize((150, 200), antialias=True), False),
     "resize_up": (lambda: v2.Resize((400, 300), antialias=True), False),
 }
@@ -147,7 +158,7 @@ def test_single_transforms_change_what_they_should(scenes):
     assert torch.equal(zoomed[:, 0, 0], torch.tensor([124, 116, 104], dtype=torch.uint8)) or \
         torch.equal(zoomed[:, -1, -1], torch.tensor([124, 116, 104], dtype=torch.uint8))
     torch.manual_seed(0)
-    distorted, rows = augment_sample(_PhotometricDistort(p=1.0), image, label)
+    distorted, rows = augment_sample(photometric(), image, label)
     assert not torch.equal(distorted, image) and torch.equal(rows, label)
 
 
@@ -155,9 +166,10 @@ def test_photometric_never_swaps_channels_by_default(scenes):
     image = tv_tensors.Image(scenes[0][0])
     for seed in range(20):
         torch.manual_seed(seed)
-        assert _PhotometricDistort(p=1.0).make_params([image])["channel_permutation"] is None
+        assert photometric().make_params([image])["channel_permutation"] is None
     torch.manual_seed(0)
-    assert _PhotometricDistort(channel_swap=True, p=1.0).make_params([image])["channel_permutation"] is not None
+    assert (photometric(channel_swap=True)
+            .make_params([image])["channel_permutation"] is not None)
 
 
 def test_iou_crop_actually_cuts_and_drops(scenes):

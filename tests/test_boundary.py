@@ -16,6 +16,8 @@ from PIL import Image
 
 import ssd_helpers as H
 
+MANIFEST = ".tinyssd-manifest.json"  # the record of what the series wrote in a folder
+
 CPU = torch.device("cpu")
 NAMES = ("banana", "orange")
 CSV_TOP = "image,class,xmin,ymin,xmax,ymax\n"
@@ -608,10 +610,10 @@ def test_detect_folder_and_export_onnx_never_replace_a_manifest_or_a_link_they_d
     photo(tmp_path / "a.png")
     out = tmp_path / "out"
     out.mkdir()
-    (out / H.MANIFEST_FILE).write_text("my notes")
+    (out / MANIFEST).write_text("my notes")
     with pytest.raises(FileExistsError, match="was not written by the series"):
         H.detect_folder(tiny_net, [tmp_path / "a.png"], out)
-    assert (out / H.MANIFEST_FILE).read_text() == "my notes"
+    assert (out / MANIFEST).read_text() == "my notes"
     (tmp_path / "link.onnx").symlink_to(tmp_path / "elsewhere.onnx")
     with pytest.raises(FileExistsError, match="not written by export_onnx"):
         H.export_onnx(tiny_net, tmp_path / "link.onnx")

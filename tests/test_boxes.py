@@ -8,7 +8,8 @@ import ssd_helpers as H
 
 
 @pytest.mark.parametrize("h, w", [(32, 32), (5, 7), (1, 1), (40, 24)])
-@pytest.mark.parametrize("sizes, ratios", [([0.75, 0.5, 0.25], [1, 2, 0.5]), ([0.2, 0.272], [1, 2, 0.5]),
+@pytest.mark.parametrize("sizes, ratios", [([0.75, 0.5, 0.25], [1, 2, 0.5]),
+                                           ([0.2, 0.272], [1, 2, 0.5]),
                                            ([0.4], [1, 3, 1 / 3, 2])])
 def test_multibox_prior_is_identical_to_d2l(h, w, sizes, ratios):
     data = torch.zeros(1, 3, h, w)
@@ -18,8 +19,10 @@ def test_multibox_prior_is_identical_to_d2l(h, w, sizes, ratios):
         assert torch.equal(ours, d2l.multibox_prior(data, sizes, ratios))
     else:  # a tall map: the same centres, sizes measured against the width (the shorter side)
         reference = d2l.multibox_prior(data, sizes, ratios)
-        torch.testing.assert_close(ours[..., :2] + ours[..., 2:], reference[..., :2] + reference[..., 2:])
-        first = (ours[0, 0, 2:] - ours[0, 0, :2]) * torch.tensor([w, h])  # in map pixels; ratios[0] is 1
+        torch.testing.assert_close(ours[..., :2] + ours[..., 2:],
+                                   reference[..., :2] + reference[..., 2:])
+        # in map pixels; ratios[0] is 1
+        first = (ours[0, 0, 2:] - ours[0, 0, :2]) * torch.tensor([w, h])
         torch.testing.assert_close(first, torch.tensor([sizes[0] * w, sizes[0] * w]))
 
 
@@ -67,7 +70,8 @@ def test_offsets_encode_decode_round_trip(seed, anchors):
     offsets = H.offset_boxes(anchors, boxes)
     assert torch.equal(offsets, d2l.offset_boxes(anchors, boxes))
     torch.testing.assert_close(H.offset_inverse(anchors, offsets), boxes, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(H.offset_inverse(anchors, offsets), d2l.offset_inverse(anchors, offsets))
+    torch.testing.assert_close(H.offset_inverse(anchors, offsets),
+                               d2l.offset_inverse(anchors, offsets))
 
 
 @pytest.mark.parametrize("bad, message", [

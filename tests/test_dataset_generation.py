@@ -1,10 +1,12 @@
 """The offline banana dataset (notebook 06): sprites, exact boxes, determinism, atomic writes."""
 import csv
 import hashlib
+import os
 import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -14,9 +16,25 @@ from PIL import Image
 import ssd_helpers as bd
 
 
+BANANA, ORANGE = 0, 1  # the class ids of the fruit datasets
+ALPHA_THRESHOLD = 0.5  # a sprite's pixel belongs to its fruit where its alpha is above this
+
+
 @pytest.fixture(scope="module")
 def photos():
     return bd.load_backgrounds()
+
+
+def tight_box(mask):
+    """Tight box (xmin, ymin, xmax, ymax) of a non-empty bool (H, W) mask, max exclusive."""
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def boxes_overlap(boxes):
+    """True if any two (class, xmin, ymin, xmax, ymax) rows intersect (max exclusive)."""
+    return any(a[1] < b[3] and b[1] < a[3] and a[2] < b[4] and b[2] < a[4]
+               for i, a in enumerate(boxes) for b in boxes[:i])
 
 
 def file_hashes(root):
@@ -44,7 +62,7 @@ def test_sprite_is_premultiplied_rgba(make):
     assert sprite.min() >= 0 and sprite.max() <= 1
     assert np.all(sprite[..., :3] <= sprite[..., 3:] + 1e-6)  # premultiplied
     assert np.all(sprite[[0, -1], :, 3] == 0) and np.all(sprite[:, [0, -1], 3] == 0)
-    box = bd._tight_box(sprite[..., 3] > bd.ALPHA_THRESHOLD)
+    box = tight_box(sprite[..., 3] > ALPHA_THRESHOLD)
     assert abs(max(box[2] - box[0], box[3] - box[1]) - 60) <= 2
 
 
@@ -52,7 +70,7 @@ def test_sprite_is_premultiplied_rgba(make):
 def test_boxes_are_tight_and_masks_disjoint(photos):
     for seed in range(8):
         rng = np.random.default_rng(seed)
-        objects = [(bd.BANANA, 30, 64), (bd.ORANGE, 26, 52)] * 3
+        objects = [(BANANA, 30, 64), (ORANGE, 26, 52)] * 3
         image, boxes, masks = bd.render_scene(rng, photos, objects)
         assert image.shape == (256, 256, 3) and image.dtype == np.uint8
         assert boxes.dtype == np.int64 and boxes.shape == (len(masks), 5)
@@ -69,21 +87,21 @@ def test_boxes_are_tight_and_masks_disjoint(photos):
 def test_object_colours(photos):
     for seed in range(6):
         rng = np.random.default_rng(100 + seed)
-        objects = [(bd.ORANGE, 40, 60), (bd.BANANA, 40, 70)]  # banana on top
+        objects = [(ORANGE, 40, 60), (BANANA, 40, 70)]  # banana on top
         image, boxes, masks = bd.render_scene(rng, photos, objects)
         hues = {label: mean_hue_degrees(image, mask)
                 for (label, *_), mask in zip(boxes, masks)}
-        assert 33 <= hues[bd.BANANA] <= 80     # yellow (green-yellow ok)
+        assert 33 <= hues[BANANA] <= 80     # yellow (green-yellow ok)
         if len(hues) == 2:
-            assert 12 <= hues[bd.ORANGE] <= 40
-            assert hues[bd.ORANGE] < hues[bd.BANANA]
+            assert 12 <= hues[ORANGE] <= 40
+            assert hues[ORANGE] < hues[BANANA]
 
 
-def test_banana_box_sizes(photos):
+def test_banana_box_sizes(tmp_path):
+    root = bd.generate_banana_detection(tmp_path / "d", seed=0, num_train=40, num_val=1)
     sides = []
-    for index in range(40):
-        _, boxes = bd._banana_scene(bd._image_rng(0, "sizes", index), photos)
-        _, x0, y0, x1, y1 = boxes[0]
+    for _, _, *box in read_rows(root / "bananas_train" / "label.csv")[1:]:
+        x0, y0, x1, y1 = map(int, box)
         if 0 < x0 and 0 < y0 and x1 < 256 and y1 < 256:  # not clipped
             sides += [x1 - x0, y1 - y0]
     assert 34 - 3 <= min(sides) and max(sides) <= 73 + 3
@@ -99,20 +117,46 @@ def test_same_seed_same_bytes(tmp_path):
     assert all(ha[k] != hc[k] for k in ha if k.endswith(".png"))
 
 
+def fruit_on_cores(root, cores):
+    """generate_fruit_detection(root, 25 + 3 images) with this thread held to `cores` (the
+    drawing threads inherit them); returns (root, the most threads that ran beside this one)."""
+    allowed, before, alive = os.sched_getaffinity(0), set(threading.enumerate()), []
+    os.sched_setaffinity(0, cores)
+    try:
+        root = bd.generate_fruit_detection(
+            root, num_train=25, num_val=3,
+            progress=lambda done, total: alive.append(len(set(threading.enumerate()) - before)))
+    finally:
+        os.sched_setaffinity(0, allowed)
+    return root, max(alive)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two cores that this process may use")
 def test_the_same_bytes_for_any_number_of_drawing_threads(tmp_path):
-    roots = [bd._generate_detection_dataset(tmp_path / f"w{n}", "fruit", bd._fruit_scene, 0, 25, 3, None, "fruit",
-                                            workers=n) for n in (1, 3)]
-    one, three = (file_hashes(root) for root in roots)
-    assert len(one) == 25 + 3 + 2 + 1 and one == three
+    """The generator draws with a thread per core it may use; its files do not depend on that."""
+    allowed = os.sched_getaffinity(0)
+    one, one_thread = fruit_on_cores(tmp_path / "one", {min(allowed)})
+    every, threads = fruit_on_cores(tmp_path / "every", allowed)
+    assert one_thread == 1 and threads >= 2
+    one, every = file_hashes(one), file_hashes(every)
+    assert len(one) == 25 + 3 + 2 + 1 and one == every
 
 
-def test_images_do_not_depend_on_order(tmp_path, photos):
-    root = bd.generate_banana_detection(tmp_path / "d", seed=3, num_train=6, num_val=2)
-    image, boxes = bd._banana_scene(bd._image_rng(3, "bananas:train", 5), photos)
-    saved = np.asarray(Image.open(root / "bananas_train" / "images" / "5.png"))
-    assert np.array_equal(image, saved)
-    row = read_rows(root / "bananas_train" / "label.csv")[6]
-    assert row == ["5.png"] + [str(v) for v in boxes[0]]
+def test_images_do_not_depend_on_order(tmp_path):
+    """Image N of a split depends on the seed, the split and N only: not on how many images are
+    drawn before or after it, nor on the other split."""
+    a = bd.generate_banana_detection(tmp_path / "a", seed=3, num_train=6, num_val=2)
+    b = bd.generate_banana_detection(tmp_path / "b", seed=3, num_train=3, num_val=5)
+    ha, hb = file_hashes(a), file_hashes(b)
+    for split, shared in (("bananas_train", 3), ("bananas_val", 2)):
+        for index in range(shared):
+            key = str(pathlib.Path(split, "images", f"{index}.png"))
+            assert ha[key] == hb[key], key
+        rows_a, rows_b = (read_rows(root / split / "label.csv") for root in (a, b))
+        assert rows_a[:1 + shared] == rows_b[:1 + shared]
+    assert all(ha[str(pathlib.Path("bananas_train", "images", f"{i}.png"))]
+               != ha[str(pathlib.Path("bananas_val", "images", f"{i}.png"))] for i in range(2))
 
 
 def test_banana_csv_format(tmp_path):
@@ -152,8 +196,8 @@ def test_a_root_without_marker_is_refused_and_kept(tmp_path):
 
 
 def test_sigterm_leaves_no_temporary_and_an_old_one_is_left_alone(tmp_path):
-    """A run stopped by SIGTERM removes its temporary folder. A folder that looks like an old run's is
-    never deleted: its name proves nothing."""
+    """A run stopped by SIGTERM removes its temporary folder. A folder that looks like an old run's
+    is never deleted: its name proves nothing."""
     old = tmp_path / "bananas.tmp-abcd1234"
     old.mkdir()
     (old / "notes.txt").write_text("mine")
@@ -172,8 +216,8 @@ def test_sigterm_leaves_no_temporary_and_an_old_one_is_left_alone(tmp_path):
 
 def test_progress_counts_every_image_once_in_order(tmp_path):
     calls = []
-    bd._generate_detection_dataset(tmp_path / "b", "bananas", bd._banana_scene, 0, 23, 4,
-                                   lambda done, total: calls.append((done, total)), "bananas", workers=2)
+    bd.generate_banana_detection(tmp_path / "b", seed=0, num_train=23, num_val=4,
+                                 progress=lambda done, total: calls.append((done, total)))
     assert calls == [(10, 27), (20, 27), (23, 27), (27, 27)]
 
 
@@ -181,8 +225,8 @@ def test_interrupted_run_leaves_nothing(tmp_path):
     def stop_after_the_first_chunk(done, total):
         raise KeyboardInterrupt  # while the other thread is still drawing its chunk
     with pytest.raises(KeyboardInterrupt):
-        bd._generate_detection_dataset(tmp_path / "bananas", "bananas", bd._banana_scene, 0, 60, 2,
-                                       stop_after_the_first_chunk, "bananas", workers=2)
+        bd.generate_banana_detection(tmp_path / "bananas", seed=0, num_train=60, num_val=2,
+                                     progress=stop_after_the_first_chunk)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -215,6 +259,6 @@ def test_test_scene(tmp_path):
     assert Image.open(jpg).size == (256, 256) and 3 <= len(boxes) <= 4
     rows = read_rows(table)
     assert rows[0] == list(bd.CSV_HEADER) and len(rows) == 1 + len(boxes)
-    assert not bd._boxes_overlap(boxes)
+    assert not boxes_overlap(boxes)
     sides = np.concatenate([boxes[:, 3] - boxes[:, 1], boxes[:, 4] - boxes[:, 2]])
     assert 27 <= sides.min() and sides.max() <= 83

@@ -13,23 +13,29 @@ import ssd_helpers as H
 
 ort = pytest.importorskip("onnxruntime")
 
+ONNX_MARKER = "tinyssd-onnx"  # the metadata key that export_onnx writes into its files
+
 
 def write_marked_onnx(path):
     """A tiny ONNX file that carries export_onnx's marker, as a file export_onnx wrote does."""
     model = onnx.helper.make_model(onnx.helper.make_graph([], "empty", [], []))
-    onnx.helper.set_model_props(model, {H.ONNX_MARKER: "{}"})
+    onnx.helper.set_model_props(model, {ONNX_MARKER: "{}"})
     path.write_bytes(model.SerializeToString())
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A small untrained three-class TinySSD in training mode, exported once (an export takes about 20 s) over a
-    file that carries export_onnx's marker. Returns (net, path, net's state before, the file's bytes before)."""
+    """A small untrained three-class TinySSD in training mode, exported once (an export takes about
+    20 s) over a file that carries export_onnx's marker. Returns (net, path, net's state before, the
+    file's bytes before)."""
     H.set_seed(0)
     net = H.TinySSD(H.default_config(num_classes=3)).train()
-    with torch.no_grad():  # untrained, every top box has one class and near-equal scores, so NMS meets ties:
-        for head in net.cls_heads:  # larger weights spread the scores, and anchor a favours class a % 3
-            head.weight.mul_(20)  # (output channels 4a .. 4a + 3: anchor a's background, class 0, 1, 2)
+    # untrained, every top box has one class and near-equal scores, so NMS meets ties:
+    with torch.no_grad():
+        # larger weights spread the scores, and anchor a favours class a % 3
+        for head in net.cls_heads:
+            # (output channels 4a .. 4a + 3: anchor a's background, class 0, 1, 2)
+            head.weight.mul_(20)
             for a in range(head.bias.shape[0] // 4):
                 head.bias[4 * a + 1 + a % 3] += 3.0
     before = {k: v.clone() for k, v in net.state_dict().items()}
@@ -46,8 +52,10 @@ def test_onnx_detections_match_detect_on_any_image_size(exported):
     rng = np.random.default_rng(0)
     for height, width in [(256, 256), (256, 400), (300, 200), (64, 64)]:
         image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-        ours, theirs = H.detect_onnx(session, image, threshold=0.0), H.detect(net, image, threshold=0.0)
-        assert len(theirs) > 0 and len(theirs[:, 0].unique()) == 3, "every class, so that NMS per class is tested"
+        ours, theirs = (H.detect_onnx(session, image, threshold=0.0),
+                        H.detect(net, image, threshold=0.0))
+        assert len(theirs) > 0 and len(theirs[:, 0].unique()) == 3, (
+            "every class, so that NMS per class is tested")
         box_gap, score_gap = H.detection_gaps(ours, theirs, width, height)
         assert box_gap <= 1e-3 and score_gap <= 1e-4, (height, width, box_gap, score_gap)
 
@@ -66,7 +74,8 @@ def test_export_replaces_only_its_own_file_and_leaves_the_model_alone(tmp_path, 
 
 
 def test_detection_gaps_pairs_rows_within_their_class():
-    ours = torch.tensor([[0, 0.9, 10, 10, 50, 50], [1, 0.8, 12, 12, 52, 52], [0, 0.5, 100, 100, 150, 150]])
+    ours = torch.tensor([[0, 0.9, 10, 10, 50, 50], [1, 0.8, 12, 12, 52, 52],
+                         [0, 0.5, 100, 100, 150, 150]])
     theirs = ours[[2, 1, 0]].clone()  # another order
     theirs[0, 2] += 1.0  # one coordinate 1 px off
     theirs[1, 1] -= 0.01
@@ -87,8 +96,9 @@ def test_detection_gaps_pairs_rows_within_their_class():
 def test_fold_batch_norm_gives_the_same_outputs_and_leaves_the_model_alone():
     torch.manual_seed(0)
     net = H.TinySSD(H.default_config())
-    H.train_step(net, torch.optim.SGD(net.parameters(), lr=0.01), torch.randint(0, 256, (4, 3, 128, 128),
-                 dtype=torch.uint8), torch.tensor([[[0, 0.1, 0.2, 0.5, 0.6]]] * 4), H.TrainConfig(),
+    H.train_step(net, torch.optim.SGD(net.parameters(), lr=0.01),
+                 torch.randint(0, 256, (4, 3, 128, 128), dtype=torch.uint8),
+                 torch.tensor([[[0, 0.1, 0.2, 0.5, 0.6]]] * 4), H.TrainConfig(),
                  torch.device("cpu"))  # batch norm statistics that are not the initial 0 and 1
     before = {k: v.clone() for k, v in net.state_dict().items()}
     folded = H.fold_batch_norm(net)

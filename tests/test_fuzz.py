@@ -39,7 +39,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import ExifTags, Image
 
 import ssd_helpers as H
 
@@ -500,7 +500,7 @@ def re_encoded(width, height, fmt, mode):
 def exif_jpeg(width, height, orientation):
     photo = Image.fromarray(pixels(width, height))
     exif = photo.getexif()
-    exif[H.EXIF_ORIENTATION] = orientation
+    exif[ExifTags.Base.Orientation] = orientation
     return encoded(photo, "JPEG", exif=exif)
 
 
@@ -1215,7 +1215,7 @@ def image_files(draw):
     options, shape = {}, (height, width)
     if fmt == "JPEG" and draw(st.booleans()):
         exif = image.getexif()
-        exif[H.EXIF_ORIENTATION] = orientation = draw(st.integers(1, 8))
+        exif[ExifTags.Base.Orientation] = orientation = draw(st.integers(1, 8))
         options["exif"] = exif
         shape = (width, height) if orientation >= 5 else shape  # 5..8 turn it a quarter
     content = encoded(image, fmt, **options)

@@ -11,12 +11,14 @@ import ssd_helpers as H
 
 @pytest.fixture(scope="module")
 def bananas(tmp_path_factory):
-    return H.generate_banana_detection(tmp_path_factory.mktemp("d") / "bananas", num_train=6, num_val=3)
+    return H.generate_banana_detection(tmp_path_factory.mktemp("d") / "bananas", num_train=6,
+                                       num_val=3)
 
 
 @pytest.fixture(scope="module")
 def fruit(tmp_path_factory):
-    return H.generate_fruit_detection(tmp_path_factory.mktemp("f") / "fruit", num_train=12, num_val=2)
+    return H.generate_fruit_detection(tmp_path_factory.mktemp("f") / "fruit", num_train=12,
+                                      num_val=2)
 
 
 def test_round_trip(bananas):
@@ -26,7 +28,8 @@ def test_round_trip(bananas):
     rows = (bananas / "bananas_train" / "label.csv").read_text().splitlines()[1:]
     for i, row in enumerate(rows):
         name, label, *box = row.split(",")
-        assert torch.equal(labels[i, 0], torch.tensor([float(label)] + [float(v) / 256 for v in box]))
+        assert torch.equal(labels[i, 0],
+                           torch.tensor([float(label)] + [float(v) / 256 for v in box]))
         saved = np.asarray(Image.open(bananas / "bananas_train" / "images" / name))
         assert np.array_equal(images[i].permute(1, 2, 0).numpy(), saved)
 

@@ -181,7 +181,8 @@ def test_voc_and_coco_on_hand_made_pr_curve():
     expected = (26 * 1.0 + 25 * 0.6 + 25 * 0.5) / 101
     assert average_precision(recall, precision, "coco") == pytest.approx(expected)
     # VOC2007 11-point: r = 0, .1, .2 -> 1.0; .3, .4, .5 -> 0.6; .6, .7 -> 0.5; .8, .9, 1 -> 0
-    assert average_precision(recall, precision, "voc07") == pytest.approx((3 * 1.0 + 3 * 0.6 + 2 * 0.5) / 11)
+    assert average_precision(recall, precision, "voc07") == pytest.approx(
+        (3 * 1.0 + 3 * 0.6 + 2 * 0.5) / 11)
     with pytest.raises(ValueError):
         average_precision(recall, precision, "11-point")
 

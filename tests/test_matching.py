@@ -33,7 +33,8 @@ def test_multibox_target_ties_break_as_in_d2l(anchors):
     # Two identical boxes: equal IoUs everywhere, so only the tie rule decides.
     box = [0, 0.3, 0.3, 0.6, 0.55]
     labels = torch.tensor([[box, box, [1, 0.1, 0.1, 0.2, 0.3]]])
-    for a, b in zip(H.multibox_target(anchors, labels), d2l.multibox_target(anchors, labels.clone())):
+    for a, b in zip(H.multibox_target(anchors, labels),
+                    d2l.multibox_target(anchors, labels.clone())):
         assert torch.equal(a, b)
 
 
@@ -111,11 +112,13 @@ def kept_rows(output):
 def test_multibox_detection_matches_d2l_when_class_agnostic(seed, num_classes, anchors):
     g = torch.Generator().manual_seed(seed)
     batch, num_anchors = 3, anchors.shape[1]
-    cls_probs = torch.softmax(torch.randn(batch, num_classes + 1, num_anchors, generator=g) * 3, dim=1)
+    cls_probs = torch.softmax(torch.randn(batch, num_classes + 1, num_anchors, generator=g) * 3,
+                              dim=1)
     offsets = torch.randn(batch, num_anchors * 4, generator=g) * 0.3
     ours = H.multibox_detection(cls_probs, offsets, anchors, nms_threshold=0.5, pos_threshold=0.2,
                                 class_agnostic=True, pre_nms_top_k=None)
-    theirs = d2l.multibox_detection(cls_probs, offsets, anchors, nms_threshold=0.5, pos_threshold=0.2)
+    theirs = d2l.multibox_detection(cls_probs, offsets, anchors, nms_threshold=0.5,
+                                    pos_threshold=0.2)
     for i in range(batch):
         a, b = kept_rows(ours[i]), kept_rows(theirs[i])
         assert a.shape == b.shape

@@ -1,12 +1,15 @@
-"""Your own data (notebook 11): VOC, COCO and CSV readers, the validation report, detect_folder and the shell."""
+"""Your own data (notebook 11): VOC, COCO and CSV readers, the validation report, detect_folder and
+the shell."""
 import json
+import re
 import subprocess
 import sys
 
+import matplotlib.figure
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageDraw
 
 import ssd_helpers as H
 
@@ -15,8 +18,10 @@ NAMES = ("banana", "orange")
 
 @pytest.fixture(scope="module")
 def fruit(tmp_path_factory):
-    root = H.generate_fruit_detection(tmp_path_factory.mktemp("f") / "fruit", num_train=16, num_val=6)
-    return {split: H.read_detection_folder(root / f"fruit_{split}", num_classes=2) for split in ("train", "val")}
+    root = H.generate_fruit_detection(tmp_path_factory.mktemp("f") / "fruit", num_train=16,
+                                      num_val=6)
+    return {split: H.read_detection_folder(root / f"fruit_{split}", num_classes=2)
+            for split in ("train", "val")}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +40,8 @@ def test_every_format_reads_back_to_the_native_labels(fruit, exported, fmt):
     for split in ("train", "val"):
         data = H.read_dataset(path_of(exported, fmt, split), split=split)
         assert data.class_names == NAMES
-        assert torch.equal(data.images, fruit[split][0]) and torch.equal(data.labels, fruit[split][1])
+        assert (torch.equal(data.images, fruit[split][0])
+                and torch.equal(data.labels, fruit[split][1]))
         assert data.difficult.shape == data.labels.shape[:2] and not data.difficult.any()
 
 
@@ -66,9 +72,11 @@ def test_voc_keeps_difficult_and_counts_pixels_from_one(tmp_path):
     data = H.read_dataset(root)
     assert data.class_names == ("cat",) and data.difficult[0, 0]
     # 200x100 is scaled to 256x128 and padded below: x by 256/200, y by 128/100, both then / 256
-    torch.testing.assert_close(data.labels[0, 0], torch.tensor([0, 0 / 200, 10 / 200, 50 / 200, 60 / 200]))
+    torch.testing.assert_close(data.labels[0, 0],
+                               torch.tensor([0, 0 / 200, 10 / 200, 50 / 200, 60 / 200]))
     assert data.images.shape == (1, 3, 256, 256)
-    assert (data.images[0, :, 128:] == torch.tensor([124, 116, 104]).view(3, 1, 1)).all()  # the padding
+    # the padding
+    assert (data.images[0, :, 128:] == torch.tensor([124, 116, 104]).view(3, 1, 1)).all()
 
 
 def test_coco_maps_category_ids_and_keeps_negatives(tmp_path):
@@ -77,11 +85,13 @@ def test_coco_maps_category_ids_and_keeps_negatives(tmp_path):
     coco = {"images": [{"id": 10, "file_name": "a.png", "width": 64, "height": 64},
                        {"id": 11, "file_name": "b.png", "width": 64, "height": 64}],
             "categories": [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}],
-            "annotations": [{"id": 1, "image_id": 10, "category_id": 7, "bbox": [4, 8, 20, 10], "iscrowd": 1}]}
+            "annotations": [{"id": 1, "image_id": 10, "category_id": 7, "bbox": [4, 8, 20, 10],
+                             "iscrowd": 1}]}
     (tmp_path / "ann.json").write_text(json.dumps(coco))
     data = H.read_dataset(tmp_path / "ann.json")
     assert data.class_names == ("cat", "dog")  # category ids 3, 7 -> 0, 1
-    torch.testing.assert_close(data.labels[0, 0], torch.tensor([1, 4 / 64, 8 / 64, 24 / 64, 18 / 64]))
+    torch.testing.assert_close(data.labels[0, 0],
+                               torch.tensor([1, 4 / 64, 8 / 64, 24 / 64, 18 / 64]))
     assert (data.labels[1] == -1).all() and data.difficult[0, 0]  # b.png: a negative image
 
 
@@ -98,7 +108,8 @@ def broken_csv(exported, tmp_path):
     lines[4] = f"{name(5)},orange,10,10,400,60"
     lines.append(lines[5])
     lines.append("images/missing.png,banana,1,1,20,20")
-    (folder / name(len(lines) - 2)).write_bytes(b"not an image")  # an image none of the edited rows are in
+    # an image none of the edited rows are in
+    (folder / name(len(lines) - 2)).write_bytes(b"not an image")
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -111,8 +122,9 @@ def test_the_report_lists_every_problem_at_once(exported, tmp_path):
     for where, word in expected.items():
         assert (where, word) in problems, (where, problems)
     kinds = " ".join(p["problem"] for p in report.problems)
-    for phrase in ("empty or inverted", "unknown class name 'banan'", "looks normalised", "outside the 256x256",
-                   "duplicate box", "cannot decode", "missing.png is missing"):
+    for phrase in ("empty or inverted", "unknown class name 'banan'", "looks normalised",
+                   "outside the 256x256", "duplicate box", "cannot decode",
+                   "missing.png is missing"):
         assert phrase in kinds
     assert not report.ok and all(p["fix"] for p in report.problems)
     text = str(report)
@@ -124,8 +136,9 @@ def test_the_report_lists_every_problem_at_once(exported, tmp_path):
 def test_the_report_counts_empty_images_and_compares_sizes_with_anchors(exported):
     report = H.validate_dataset(exported["csv"] / "train.csv")
     assert report.ok and report.num_images == 16
-    assert report.num_without_objects == sum(1 for line in (exported["csv"] / "train.csv").read_text().splitlines()
-                                             if line.endswith(",,,,,"))
+    assert report.num_without_objects == sum(
+        1 for line in (exported["csv"] / "train.csv").read_text().splitlines()
+        if line.endswith(",,,,,"))
     banana = next(row for row in report.classes if row["class"] == "banana")
     assert 25 <= banana["smallest px"] <= banana["median px"] <= banana["largest px"] <= 80
     assert 0 < banana["anchor IoU >= 0.5"] <= 1 and report.anchor_sides[0] == 51
@@ -149,14 +162,27 @@ def test_other_broken_formats(tmp_path, exported):
     (tmp_path / "images").symlink_to(exported["coco"] / "images")
     report = H.validate_dataset(tmp_path / "c.json")
     assert [p["problem"][:26] for p in report.problems] == ["unknown category_id 99 (kn"]
-    with pytest.raises(H.DatasetError, match="nothing.txt does not exist: expected a VOC folder"):
+    expected = ("expected one of: a VOC folder (with Annotations/, JPEGImages/ and "
+                "ImageSets/Main/), a COCO .json file, a .csv file")
+    with pytest.raises(H.DatasetError, match=re.escape(f"nothing.txt does not exist: {expected}")):
         H.validate_dataset(tmp_path / "nothing.txt")
+    (tmp_path / "notes.txt").write_text("image,class\n")
+    with pytest.raises(H.DatasetError, match=re.escape(f"notes.txt: {expected}")):
+        H.validate_dataset(tmp_path / "notes.txt")
+
+
+def test_export_refuses_an_unknown_format(fruit, tmp_path):
+    message = "fmt must be one of ['coco', 'csv', 'voc'], got 'yaml'"
+    with pytest.raises(H.ConfigError, match=re.escape(message)):
+        H.export_dataset(tmp_path / "export", "yaml", fruit, NAMES)
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
 
 
 def test_each_image_is_decoded_once(exported, monkeypatch):
     opened = []
     real = H.open_image
-    monkeypatch.setattr(H, "open_image", lambda path, *a, **k: opened.append(path) or real(path, *a, **k))
+    monkeypatch.setattr(H, "open_image",
+                        lambda path, *a, **k: opened.append(path) or real(path, *a, **k))
     H.validate_dataset(exported["csv"] / "train.csv")
     assert len(opened) == len(set(opened)) == 16
 
@@ -176,12 +202,50 @@ def test_class_names_travel_with_the_model(model):
         H.TinySSD(H.SSDConfig(num_classes=3, class_names=NAMES))
 
 
-def test_detect_folder_writes_drawn_images_and_a_csv_but_never_over_a_users_file(model, exported, tmp_path):
+def drawn(monkeypatch, *args):
+    """(image, label texts, box outline colours) of draw_detections(*args), in drawing order."""
+    texts, outlines = [], []
+    real_text, real_rectangle = ImageDraw.ImageDraw.text, ImageDraw.ImageDraw.rectangle
+
+    def text(draw, xy, words, *more, **kwargs):
+        texts.append(words)
+        return real_text(draw, xy, words, *more, **kwargs)
+
+    def rectangle(draw, xy, *more, **kwargs):
+        if kwargs.get("outline") is not None:
+            outlines.append(tuple(kwargs["outline"]))
+        return real_rectangle(draw, xy, *more, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(ImageDraw.ImageDraw, "text", text)
+        patch.setattr(ImageDraw.ImageDraw, "rectangle", rectangle)
+        return H.draw_detections(*args), texts, outlines
+
+
+@pytest.mark.parametrize("class_names", [("banana", "orange"), None])
+def test_draw_detections_names_and_colours_classes_as_show_detections_does(monkeypatch,
+                                                                            class_names):
+    """One naming rule (a class id that class_names does not list is "class <id>") and one
+    palette, for drawings saved to files and for matplotlib."""
+    detections = torch.tensor([[0, 0.9, 4, 4, 20, 20], [1, 0.5, 30, 30, 60, 60],
+                               [7, 0.25, 10, 40, 30, 60]])  # best first, as detect returns them
+    pixels = torch.zeros(3, 64, 80, dtype=torch.uint8)
+    image, texts, outlines = drawn(monkeypatch, pixels, detections, class_names)
+    assert image.size == (80, 64) and image.mode == "RGB"
+    assert texts[0] == "class 7 0.25"  # labels are drawn weakest first
+    ax = matplotlib.figure.Figure().subplots()
+    H.show_detections(ax, pixels, detections, class_names)
+    assert texts == [t.get_text() for t in reversed(ax.texts)]
+    assert outlines == [tuple(round(255 * v) for v in p.get_edgecolor()[:3]) for p in ax.patches]
+
+
+def test_detect_folder_writes_drawn_images_and_a_csv_but_never_over_a_users_file(
+        model, exported, tmp_path):
     net, config = H.load_model(model)
     images = exported["csv"] / "images"
     rows = H.detect_folder(net, [images], tmp_path / "out", config.class_names, threshold=0.0)
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert "detections.csv" in written and sum(name.endswith("_detections.png") for name in written) == 22
+    assert ("detections.csv" in written
+            and sum(name.endswith("_detections.png") for name in written) == 22)
     assert rows and {row[1] for row in rows} <= set(NAMES)
     H.detect_folder(net, [images], tmp_path / "out", config.class_names)  # its own files: replaced
     (tmp_path / "mine").mkdir()
@@ -202,10 +266,12 @@ def test_the_shell_command(model, exported, tmp_path, capsys):
     assert any(line.startswith("skipped:") and "broken.png" in line for line in lines)
     first = next(line for line in lines if not line.startswith("skipped"))
     path, name, score, box = first.split("\t")
-    assert path == str(images[0]) and name in NAMES and 0 <= float(score) <= 1 and len(box.split()) == 4
+    assert (path == str(images[0]) and name in NAMES and 0 <= float(score) <= 1
+            and len(box.split()) == 4)
     assert (tmp_path / "out" / f"{images[0].stem}_detections.png").is_file()
     # The same entry point in this process (one subprocess above is enough to test `python -m`):
-    code = H.main(["detect", str(tmp_path / "broken.png"), str(images[0]), "--out", str(tmp_path / "o2")])
+    code = H.main(["detect", str(tmp_path / "broken.png"), str(images[0]), "--out",
+                   str(tmp_path / "o2")])
     error = capsys.readouterr().err
     assert code == 2 and error.startswith("error:") and "Traceback" not in error
     code = H.main(["validate", str(exported["csv"] / "val.csv")])
@@ -217,7 +283,7 @@ def test_exif_rotated_and_16_bit_images_in_a_csv(tmp_path):
     Image.fromarray(grey).save(tmp_path / "deep.png")
     photo = Image.new("RGB", (64, 48))
     exif = photo.getexif()
-    exif[H.EXIF_ORIENTATION] = 6
+    exif[ExifTags.Base.Orientation] = 6
     photo.save(tmp_path / "turned.jpg", exif=exif)
     (tmp_path / "l.csv").write_text("image,class,xmin,ymin,xmax,ymax\ndeep.png,a,1,1,30,30\n"
                                     "turned.jpg,a,1,1,30,30\n")
@@ -227,19 +293,23 @@ def test_exif_rotated_and_16_bit_images_in_a_csv(tmp_path):
 
 
 def test_coco_categories_with_the_same_name_are_refused(tmp_path):
-    coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "cat"}]}
+    coco = {"images": [], "annotations": [],
+            "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "cat"}]}
     (tmp_path / "a.json").write_text(json.dumps(coco))
-    with pytest.raises(H.DatasetError, match=r"category id 2 .*another category has .* the name 'cat'"):
+    with pytest.raises(H.DatasetError,
+                       match=r"category id 2 .*another category has .* the name 'cat'"):
         H.read_dataset(tmp_path / "a.json")
 
 
 def test_images_elsewhere_are_found_with_image_dir(exported, tmp_path):
     coco = json.loads((exported["coco"] / "val.json").read_text())
     for image in coco["images"]:
-        image["file_name"] = image["file_name"].split("/")[-1]  # bare names, as many tools write them
+        # bare names, as many tools write them
+        image["file_name"] = image["file_name"].split("/")[-1]
     (tmp_path / "val.json").write_text(json.dumps(coco))
     report = H.validate_dataset(tmp_path / "val.json")
-    assert len(report.problems) == 6 and "to image_dir (--image-dir in the shell)" in report.problems[0]["fix"]
+    assert (len(report.problems) == 6
+            and "to image_dir (--image-dir in the shell)" in report.problems[0]["fix"])
     data = H.read_dataset(tmp_path / "val.json", image_dir=exported["coco"] / "images")
     assert torch.equal(data.labels, H.read_dataset(exported["coco"] / "val.json").labels)
 
@@ -248,7 +318,8 @@ def test_own_data_checkpoint_names_its_detections(exported, tmp_path):
     train = H.read_dataset(exported["voc"], split="train")
     H.set_seed(0)
     net = H.TinySSD(H.default_config(class_names=train.class_names))
-    H.train_ssd(net, (train.images, train.labels), H.TrainConfig(epochs=1, batch_size=8, bf16="off"),
+    H.train_ssd(net, (train.images, train.labels),
+                H.TrainConfig(epochs=1, batch_size=8, bf16="off"),
                 torch.device("cpu"), checkpoint=tmp_path / "m.pt", progress=False)
     loaded, config = H.load_model(tmp_path / "m.pt")
     assert config.class_names == NAMES

@@ -1,7 +1,9 @@
-"""Safety with a user's files and inputs: each test first reproduces a way the series once went wrong.
+"""Safety with a user's files and inputs: each test first reproduces a way the series once went
+wrong.
 
-The rules live in ssd_helpers section 6 (image_to_uint8, open_image, check_images, check_labels), its
-appendix (_check_replaceable) and in load_model / save_checkpoint; the reader, train_ssd and detect all use them.
+The rules live in ssd_helpers section 6 (_image_to_uint8, open_image, check_images, check_labels),
+its appendix (_check_replaceable) and in load_model / save_checkpoint; the reader, train_ssd and
+detect all use them.
 """
 import os
 import shutil
@@ -9,16 +11,19 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
 import ssd_helpers as H
+
+MANIFEST = ".tinyssd-manifest.json"  # the record of what the series wrote in a folder
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def bananas(tmp_path_factory):
-    return H.generate_banana_detection(tmp_path_factory.mktemp("d") / "bananas", num_train=8, num_val=3)
+    return H.generate_banana_detection(tmp_path_factory.mktemp("d") / "bananas", num_train=8,
+                                       num_val=3)
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +41,13 @@ def quick(epochs=1):
     return H.TrainConfig(epochs=epochs, batch_size=4, bf16="off")
 
 
-# ------------------------------------------------------------------ 1. the generator deletes only its own
+# ---------------------------------------------------------- 1. the generator deletes only its own
 
 def test_generator_keeps_a_users_folder(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "notes").write_text("mine")
-    with pytest.raises(FileExistsError, match=r"x holds files that the series did not write.*: notes \(not written"):
+    with pytest.raises(FileExistsError,
+                       match=r"x holds files that the series did not write.*: notes \(not written"):
         H.generate_banana_detection(tmp_path / "x", num_train=1, num_val=1)
     assert (tmp_path / "x" / "notes").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
@@ -59,7 +65,7 @@ def test_generator_keeps_d2l_s_own_download(bananas, tmp_path):
     """d2l's banana-detection folder has our layout but no manifest: it is the user's."""
     real = tmp_path / "banana-detection"
     shutil.copytree(bananas, real)
-    (real / H.MANIFEST_FILE).unlink()
+    (real / MANIFEST).unlink()
     before = sorted(str(p.relative_to(real)) for p in real.rglob("*"))
     with pytest.raises(FileExistsError):
         H.generate_banana_detection(real, num_train=2, num_val=1)
@@ -76,7 +82,7 @@ def test_generator_replaces_only_its_own_untouched_dataset(tmp_path):
     assert (root / "bananas_train" / "my_labels.csv").read_text() == "mine"
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert (H.generate_banana_detection(empty, num_train=1, num_val=1) / H.MANIFEST_FILE).is_file()
+    assert (H.generate_banana_detection(empty, num_train=1, num_val=1) / MANIFEST).is_file()
 
 
 def test_generator_refuses_a_file_as_root(tmp_path):
@@ -104,7 +110,7 @@ def test_save_checkpoint_does_not_overwrite_a_users_file(tmp_path):
     H.save_checkpoint(tmp_path / "model.pt", H.TinySSD())  # its own checkpoint may be replaced
 
 
-# ------------------------------------------------------------------ 2. images read as they are meant
+# ---------------------------------------------------------- 2. images read as they are meant
 
 def test_float_images_are_0_to_255_and_0_to_1_is_refused():
     with pytest.raises(H.DatasetError, match="within 0..1"):
@@ -137,7 +143,8 @@ def test_layouts_numpy_is_channels_last_torch_channels_first():
 def test_integers_do_not_wrap_around():
     with pytest.raises(H.DatasetError, match="int16 pixel values run 300..300"):
         H.to_image_tensor(torch.full((3, 8, 8), 300, dtype=torch.int16))
-    assert int(H.to_image_tensor(np.full((8, 8), 1000, np.uint16)).max()) == 4  # 16-bit: 1000 / 65535 * 255
+    # 16-bit: 1000 / 65535 * 255
+    assert int(H.to_image_tensor(np.full((8, 8), 1000, np.uint16)).max()) == 4
     assert int(H.to_image_tensor(np.full((8, 8), 65535, np.uint16)).min()) == 255
     assert int(H.to_image_tensor(torch.full((3, 8, 8), 200, dtype=torch.int64)).max()) == 200
     with pytest.raises(H.DatasetError, match="bool"):
@@ -148,7 +155,7 @@ def test_exif_orientation_is_applied_by_detect_and_refused_by_the_reader(bananas
     image = Image.new("RGB", (40, 20), (255, 0, 0))
     image.paste((0, 0, 255), (0, 0, 10, 20))  # blue on the left
     exif = image.getexif()
-    exif[H.EXIF_ORIENTATION] = 6  # "turn 90 degrees clockwise to view"
+    exif[ExifTags.Base.Orientation] = 6  # "turn 90 degrees clockwise to view"
     image.save(tmp_path / "phone.jpg", exif=exif, quality=95)
     upright = H.to_image_tensor(tmp_path / "phone.jpg")
     assert upright.shape == (3, 40, 20)
@@ -156,7 +163,7 @@ def test_exif_orientation_is_applied_by_detect_and_refused_by_the_reader(bananas
     folder = split_copy(bananas, tmp_path)
     pil = Image.open(folder / "images" / "1.png")
     exif = pil.getexif()
-    exif[H.EXIF_ORIENTATION] = 8
+    exif[ExifTags.Base.Orientation] = 8
     pil.save(folder / "images" / "1.png", exif=exif)
     with pytest.raises(H.DatasetError, match=r"row 3: image .*1.png carries EXIF orientation 8"):
         H.read_detection_folder(folder)
@@ -180,7 +187,8 @@ def test_transparent_pixels_become_white_and_cmyk_is_converted(tmp_path):
         out = H.to_image_tensor(source)
         assert out[:, 0, 0].tolist() == [255, 0, 0] and out[:, 0, 7].tolist() == [255, 255, 255]
     Image.new("CMYK", (8, 8), (0, 255, 0, 0)).save(tmp_path / "c.jpg")
-    assert H.to_image_tensor(tmp_path / "c.jpg")[:, 4, 4].tolist() == pytest.approx([255, 0, 255], abs=3)
+    assert (H.to_image_tensor(tmp_path / "c.jpg")[:, 4, 4].tolist()
+            == pytest.approx([255, 0, 255], abs=3))
 
 
 def test_float_tiff_follows_the_float_rule(tmp_path):
@@ -199,7 +207,7 @@ def test_a_corrupt_or_truncated_image_names_its_row(bananas, tmp_path):
         H.read_detection_folder(folder)
 
 
-# ------------------------------------------------------------------ 3, 4. class ids and units
+# ---------------------------------------------------------- 3, 4. class ids and units
 
 def edit_row(folder, row, text):
     lines = (folder / "label.csv").read_text().splitlines()
@@ -223,7 +231,8 @@ def test_load_data_bananas_checks_class_ids(bananas, tmp_path):
     root = tmp_path / "root"
     shutil.copytree(bananas, root)
     edit_row(root / "bananas_val", 3, "1.png,1,10,10,40,60")
-    with pytest.raises(H.DatasetError, match=r"bananas_val.label.csv row 3: class id 1 is out of range for 1"):
+    with pytest.raises(H.DatasetError,
+                       match=r"bananas_val.label.csv row 3: class id 1 is out of range for 1"):
         H.load_data_bananas(4, root=root, num_classes=1)
 
 
@@ -231,7 +240,9 @@ def test_training_refuses_a_class_the_model_does_not_have(train_data):
     images, labels = train_data
     labels = labels.clone()
     labels[5, 0, 0] = 1
-    with pytest.raises(H.DatasetError, match=r"train_data image 5, row 0: class id 1 is out of range for 1 classes"):
+    with pytest.raises(H.DatasetError,
+                       match=r"train_data image 5, row 0: "
+                             r"class id 1 is out of range for 1 classes"):
         H.train_ssd(H.TinySSD(H.default_config()), (images, labels), quick(), CPU, progress=False)
 
 
@@ -239,14 +250,17 @@ def test_training_refuses_pixel_labels(train_data):
     images, labels = train_data
     pixels = labels.clone()
     pixels[..., 1:] *= 256
-    with pytest.raises(H.DatasetError, match=r"train_data image 0, row 0: box .* is not normalised.*look like pixels"):
+    with pytest.raises(H.DatasetError,
+                       match=r"train_data image 0, row 0: box .* is not normalised"
+                             r".*look like pixels"):
         H.train_ssd(H.TinySSD(H.default_config()), (images, pixels), quick(), CPU, progress=False)
 
 
 def test_check_labels_finds_inverted_and_non_finite_rows():
     labels = torch.tensor([[[0, 0.1, 0.1, 0.5, 0.5], [-1, -1, -1, -1, -1]],
                            [[0, 0.6, 0.1, 0.5, 0.5], [0, 0.1, 0.1, 0.2, float("nan")]]])
-    with pytest.raises(H.DatasetError, match=r"image 1, row 0: box .* is empty or inverted \(1 more rows"):
+    with pytest.raises(H.DatasetError,
+                       match=r"image 1, row 0: box .* is empty or inverted \(1 more rows"):
         H.check_labels(labels)
     labels[1, 0, 1] = 0.2
     with pytest.raises(H.DatasetError, match=r"image 1, row 1: box .* is not finite"):
@@ -255,7 +269,7 @@ def test_check_labels_finds_inverted_and_non_finite_rows():
     H.check_labels(labels, num_classes=1)
 
 
-# ------------------------------------------------------------------ 5. a NaN image leaves the model intact
+# ---------------------------------------------------------- 5. a NaN image leaves the model intact
 
 def test_a_nan_image_is_named_before_training_starts(train_data):
     images, labels = train_data
@@ -279,11 +293,12 @@ def test_train_step_alone_keeps_batch_norm_clean(train_data):
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     with pytest.raises(H.DatasetError, match=r"batch image 42: pixel values are NaN or infinite"):
-        H.train_step(net, optimizer, images, labels[:4], quick(), CPU, ids=torch.tensor([40, 41, 42, 43]))
+        H.train_step(net, optimizer, images, labels[:4], quick(), CPU,
+                     ids=torch.tensor([40, 41, 42, 43]))
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
 
 
-# ------------------------------------------------------------------ 6. checkpoints
+# ---------------------------------------------------------- 6. checkpoints
 
 @pytest.fixture
 def checkpoint(tmp_path):
@@ -297,7 +312,8 @@ def test_empty_and_random_files_are_not_checkpoints(tmp_path):
     with pytest.raises(H.CheckpointError, match=r"empty.pt is empty \(0 bytes\)"):
         H.load_model(tmp_path / "empty.pt")
     (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(5000))
-    with pytest.raises(H.CheckpointError, match="random.pt .* not a readable PyTorch checkpoint") as error:
+    with pytest.raises(H.CheckpointError,
+                       match="random.pt .* not a readable PyTorch checkpoint") as error:
         H.load_model(tmp_path / "random.pt")
     assert "weights_only=False" not in str(error.value)  # never advise running a stranger's pickle
     with pytest.raises(FileNotFoundError, match="no checkpoint file at"):
@@ -313,7 +329,8 @@ def test_a_file_without_config_or_for_other_classes(checkpoint, tmp_path):
         H.load_model(checkpoint, num_classes=2)
     state["config"]["num_classes"] = 2
     torch.save(state, tmp_path / "mixed.pt")
-    with pytest.raises(H.CheckpointError, match=r"cls_heads.0.weight .* weights are for num_classes=1") as error:
+    with pytest.raises(H.CheckpointError,
+                       match=r"cls_heads.0.weight .* weights are for num_classes=1") as error:
         H.load_model(tmp_path / "mixed.pt")
     assert "\n" not in str(error.value)
 
@@ -332,7 +349,7 @@ def test_nan_weights_are_refused_on_load_and_save(checkpoint, tmp_path):
     H.load_model(checkpoint)  # the good file is still there
 
 
-# ------------------------------------------------------------------ 7. CSV encodings
+# ---------------------------------------------------------- 7. CSV encodings
 
 def test_utf8_bom_is_read(bananas, tmp_path):
     folder = split_copy(bananas, tmp_path)
@@ -366,7 +383,8 @@ def test_nothing_outside_the_project_is_touched_by_reading(bananas, tmp_path):
     folder = split_copy(bananas, tmp_path)
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
     H.read_detection_folder(folder)
-    assert before == {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
+    assert before == {p: (p.stat().st_mtime_ns, p.read_bytes())
+                      for p in folder.rglob("*") if p.is_file()}
     assert os.listdir(tmp_path) == ["split"]
 
 
@@ -379,6 +397,7 @@ def test_scratch_folders_never_take_a_users_folder(tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
     scratch = H.scratch_folder(tmp_path / "scratch")
     (scratch / "result.txt").write_text("old")
-    assert sorted(p.name for p in H.scratch_folder(scratch).iterdir()) == [H.MANIFEST_FILE]  # emptied
+    # emptied
+    assert sorted(p.name for p in H.scratch_folder(scratch).iterdir()) == [MANIFEST]
     H.scratch_folder(scratch, remove=True)
     assert not scratch.exists()

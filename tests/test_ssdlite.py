@@ -1,4 +1,5 @@
-"""The bridge to torchvision's detection models (notebook 12): targets, detections and the timed training loop.
+"""The bridge to torchvision's detection models (notebook 12): targets, detections and the timed
+training loop.
 
 Small stand-in models keep these fast; the notebook trains the real SSDlite.
 """
@@ -54,27 +55,31 @@ def data(n=8):
 
 def test_train_for_seconds_trains_and_stops_in_time():
     model = FixedDetector()
-    history = H.train_for_seconds(model, data(), seconds=0.5, device=torch.device("cpu"), lr=0.1, batch_size=4,
-                                  progress=False)
+    history = H.train_for_seconds(model, data(), seconds=0.5, device=torch.device("cpu"), lr=0.1,
+                                  batch_size=4, progress=False)
     assert history["steps"] > 1 and history["examples"] == 4 * history["steps"]
     assert history["seconds"] < 5
     assert history["loss"][-1] < history["loss"][0]
 
 
 def test_train_for_seconds_warms_up_over_the_first_epoch_then_decays():
-    history = H.train_for_seconds(FixedDetector(), data(16), seconds=1.0, device=torch.device("cpu"), lr=0.1,
-                                  batch_size=4, progress=False)
+    history = H.train_for_seconds(FixedDetector(), data(16), seconds=1.0,
+                                  device=torch.device("cpu"), lr=0.1, batch_size=4, progress=False)
     lr = history["lr"]
     assert len(lr) == history["steps"] > 8
-    assert lr[0] == pytest.approx(0.1 / 4, rel=0.05), "step 1 of a 4-step epoch: a quarter of the peak"
-    assert lr[0] < lr[1] < lr[2] < lr[3] and max(lr) == lr[3], "linear warm-up over the first epoch (4 steps)"
-    assert all(a >= b for a, b in zip(lr[3:], lr[4:])) and lr[-1] < 0.1 / 4, "then the cosine, towards 0"
+    assert lr[0] == pytest.approx(0.1 / 4, rel=0.05), (
+        "step 1 of a 4-step epoch: a quarter of the peak")
+    assert lr[0] < lr[1] < lr[2] < lr[3] and max(lr) == lr[3], (
+        "linear warm-up over the first epoch (4 steps)")
+    assert all(a >= b for a, b in zip(lr[3:], lr[4:])) and lr[-1] < 0.1 / 4, (
+        "then the cosine, towards 0")
 
 
 def test_train_for_seconds_stops_on_nan_and_leaves_the_model():
     model = FixedDetector()
     model.nan = True
     with pytest.raises(FloatingPointError, match="indices into train_data"):
-        H.train_for_seconds(model, data(), seconds=5, device=torch.device("cpu"), batch_size=4, progress=False)
+        H.train_for_seconds(model, data(), seconds=5, device=torch.device("cpu"), batch_size=4,
+                            progress=False)
     assert model.weight.item() == 1.0 and model.weight.grad is None
     assert model.seen.item() == 0, "the buffers the forward pass moved are put back"

@@ -1,6 +1,8 @@
 """Training, checkpoints and prediction (notebooks 07 and 08)."""
 import math
 
+import matplotlib.colors
+import matplotlib.figure
 import numpy as np
 import pytest
 import torch
@@ -12,8 +14,10 @@ import ssd_helpers as H
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    root = H.generate_banana_detection(tmp_path_factory.mktemp("d") / "bananas", num_train=16, num_val=4)
-    return H.read_detection_folder(root / "bananas_train"), H.read_detection_folder(root / "bananas_val")
+    root = H.generate_banana_detection(tmp_path_factory.mktemp("d") / "bananas", num_train=16,
+                                       num_val=4)
+    return (H.read_detection_folder(root / "bananas_train"),
+            H.read_detection_folder(root / "bananas_val"))
 
 
 def fake_batch(seed=0, batch=2):
@@ -27,10 +31,13 @@ def fake_batch(seed=0, batch=2):
 def test_default_loss_is_the_books():
     cls_preds, bbox_preds, bbox_labels, bbox_masks, cls_labels = fake_batch()
     batch, _, num_classes = cls_preds.shape
-    book = (F.cross_entropy(cls_preds.reshape(-1, num_classes), cls_labels.reshape(-1), reduction="none")
+    book = (F.cross_entropy(cls_preds.reshape(-1, num_classes), cls_labels.reshape(-1),
+                            reduction="none")
             .reshape(batch, -1).mean(dim=1)
-            + F.l1_loss(bbox_preds * bbox_masks, bbox_labels * bbox_masks, reduction="none").mean(dim=1))
-    torch.testing.assert_close(H.calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks), book)
+            + F.l1_loss(bbox_preds * bbox_masks, bbox_labels * bbox_masks,
+                        reduction="none").mean(dim=1))
+    torch.testing.assert_close(
+        H.calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks), book)
 
 
 def test_hard_negative_mask_keeps_positives_and_three_negatives_each():
@@ -41,15 +48,18 @@ def test_hard_negative_mask_keeps_positives_and_three_negatives_each():
     keep = H.hard_negative_mask(cls_loss, cls_labels, neg_ratio=3.0)
     assert keep[0, [3, 50]].all() and int(keep[0].sum()) == 2 + 6
     negatives = cls_loss[0].masked_fill(cls_labels[0] > 0, -1)
-    assert set(negatives.topk(6).indices.tolist()) == set((keep[0] & (cls_labels[0] == 0)).nonzero()[:, 0].tolist())
+    assert set(negatives.topk(6).indices.tolist()) == set(
+        (keep[0] & (cls_labels[0] == 0)).nonzero()[:, 0].tolist())
     assert int(keep[1].sum()) == 3  # an image without objects still trains on some negatives
 
 
 def test_positive_normalisation_divides_by_positives():
     cls_preds, bbox_preds, bbox_labels, bbox_masks, cls_labels = fake_batch()
-    full = H.calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks, loss_norm="positives")
+    full = H.calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks,
+                       loss_norm="positives")
     num_pos = (cls_labels > 0).sum(dim=1)
-    ce = F.cross_entropy(cls_preds.reshape(-1, 2), cls_labels.reshape(-1), reduction="none").reshape(2, -1)
+    ce = F.cross_entropy(cls_preds.reshape(-1, 2), cls_labels.reshape(-1),
+                         reduction="none").reshape(2, -1)
     l1 = (F.l1_loss(bbox_preds * bbox_masks, bbox_labels * bbox_masks, reduction="none")).sum(dim=1)
     torch.testing.assert_close(full, (ce.sum(dim=1) + l1) / num_pos)
 
@@ -58,17 +68,20 @@ def test_metrics_count_foreground_and_positive_anchors():
     cls_preds, bbox_preds, bbox_labels, bbox_masks, cls_labels = fake_batch()
     counts = H.batch_metrics(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks)
     assert counts["anchors"] == cls_labels.numel()
-    assert counts["fg_anchors"] == int((cls_labels > 0).sum()) and counts["bbox_values"] == 4 * counts["fg_anchors"]
+    assert (counts["fg_anchors"] == int((cls_labels > 0).sum())
+            and counts["bbox_values"] == 4 * counts["fg_anchors"])
 
 
 def test_hflip_moves_boxes_with_the_pixels():
     images = torch.zeros(8, 3, 16, 16, dtype=torch.uint8)
     images[:, :, 4:8, 2:6] = 255  # a white square at x 2..6, y 4..8
-    labels = torch.tensor([[[0, 2 / 16, 4 / 16, 6 / 16, 8 / 16], [-1, -1, -1, -1, -1]]]).repeat(8, 1, 1)
+    labels = torch.tensor([[[0, 2 / 16, 4 / 16, 6 / 16, 8 / 16],
+                            [-1, -1, -1, -1, -1]]]).repeat(8, 1, 1)
     flipped, new_labels = H.hflip_batch(images, labels, torch.Generator().manual_seed(0))
     for image, label in zip(flipped, new_labels):
         cols = (image[0] > 0).any(dim=0).nonzero()[:, 0]
-        assert torch.allclose(label[0, [1, 3]] * 16, torch.tensor([cols.min(), cols.max() + 1]).float())
+        assert torch.allclose(label[0, [1, 3]] * 16,
+                              torch.tensor([cols.min(), cols.max() + 1]).float())
         assert (label[1] == -1).all()
     assert 0 < sum(not torch.equal(a, b) for a, b in zip(flipped, images)) < 8
 
@@ -85,8 +98,9 @@ def test_training_runs_reports_and_saves(tiny_data, tmp_path):
     H.set_seed(0)
     net = H.TinySSD(H.default_config())
     path = tmp_path / "model.pt"
-    history = H.train_ssd(net, train, H.TrainConfig(epochs=2, batch_size=8, bf16="off"), torch.device("cpu"),
-                          val_data=val, checkpoint=path, progress=False)
+    history = H.train_ssd(net, train, H.TrainConfig(epochs=2, batch_size=8, bf16="off"),
+                          torch.device("cpu"), val_data=val, evaluate=H.evaluate_map,
+                          checkpoint=path, progress=False)
     assert len(history["loss"]) == 2 and all(math.isfinite(v) for v in history["loss"])
     assert all(v > 0 for v in history["examples_per_s"]) and 0 <= history["AP"][-1] <= 1
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left
@@ -96,6 +110,30 @@ def test_training_runs_reports_and_saves(tiny_data, tmp_path):
     net.eval()
     for a, b in zip(net(x), loaded(x)):
         torch.testing.assert_close(a, b)
+
+
+def test_options_that_do_not_go_together_are_refused_before_training(tiny_data, monkeypatch):
+    """val_data without evaluate=, and TrainConfig.augment without augment= (or the reverse), are
+    refused before the first step."""
+    steps = []
+    monkeypatch.setattr(H, "train_step", lambda *args, **kwargs: steps.append(1))
+    train, val = tiny_data
+    net = H.TinySSD(H.default_config())
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    config = H.TrainConfig(epochs=1, batch_size=8, bf16="off")
+    cpu = torch.device("cpu")
+    with pytest.raises(TypeError, match="needs evaluate=.*evaluate_map"):
+        H.train_ssd(net, train, config, cpu, val_data=val, progress=False)
+    augment = H.ssd_batch_augmentation()
+    with pytest.raises(H.ConfigError, match=r"TrainConfig\(augment=True\) and .*augment=.* go "
+                                            "together"):
+        H.train_ssd(net, train, H.TrainConfig(epochs=1, batch_size=8, bf16="off", augment=True),
+                    cpu, progress=False)
+    with pytest.raises(H.ConfigError, match="go together"):
+        H.train_ssd(net, train, config, cpu, augment=augment, progress=False)
+    assert steps == []
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key
 
 
 def test_same_seed_same_training(tiny_data):
@@ -116,7 +154,8 @@ def test_non_finite_loss_stops_naming_epoch_batch_and_image(tiny_data, monkeypat
     def nan_in_second_batch(*args, **kwargs):
         losses = real_loss(*args, **kwargs)
         calls[0] += 1
-        return torch.where(torch.arange(len(losses)) == 1, math.nan, losses) if calls[0] == 2 else losses
+        return (torch.where(torch.arange(len(losses)) == 1, math.nan, losses) if calls[0] == 2
+                else losses)
 
     def remember_state(net, *args, **kwargs):
         before.update({k: v.clone() for k, v in net.state_dict().items()})
@@ -125,11 +164,14 @@ def test_non_finite_loss_stops_naming_epoch_batch_and_image(tiny_data, monkeypat
     monkeypatch.setattr(H, "train_step", remember_state)
     H.set_seed(0)
     net = H.TinySSD(H.default_config())
-    image = int(torch.randperm(16, generator=torch.Generator().manual_seed(0))[8 + 1])  # batch 2, position 1
-    with pytest.raises(FloatingPointError, match=rf"epoch 1, batch 2 .*image\(s\) \[{image}\].*lower config.lr"):
+    # batch 2, position 1
+    image = int(torch.randperm(16, generator=torch.Generator().manual_seed(0))[8 + 1])
+    with pytest.raises(FloatingPointError,
+                       match=rf"epoch 1, batch 2 .*image\(s\) \[{image}\].*lower config.lr"):
         H.train_ssd(net, (images, labels), H.TrainConfig(epochs=1, batch_size=8, bf16="off"),
                     torch.device("cpu"), progress=False)
-    for key, value in net.state_dict().items():  # weights and batch-norm statistics as before batch 2
+    # weights and batch-norm statistics as before batch 2
+    for key, value in net.state_dict().items():
         assert torch.equal(value, before[key]), key
 
 
@@ -162,15 +204,20 @@ def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
 def test_detect_can_squash_like_the_book(tiny_data):
     H.set_seed(0)
     net = H.TinySSD(H.default_config()).eval()
-    wide = torch.nn.functional.interpolate(tiny_data[1][0][:1].float(), size=(200, 500))[0].to(torch.uint8)
-    found = H.detect(net, wide, threshold=0.0, keep_aspect=False)  # (k, 6) in the 500x200 image's pixels
-    X = torch.nn.functional.interpolate(wide[None].float(), size=(256, 256), mode="bilinear", antialias=True)
+    wide = torch.nn.functional.interpolate(tiny_data[1][0][:1].float(),
+                                           size=(200, 500))[0].to(torch.uint8)
+    # (k, 6) in the 500x200 image's pixels
+    found = H.detect(net, wide, threshold=0.0, keep_aspect=False)
+    X = torch.nn.functional.interpolate(wide[None].float(), size=(256, 256), mode="bilinear",
+                                        antialias=True)
     with torch.no_grad():
         anchors, cls_preds, bbox_preds = net(X)
-    reference = H.multibox_detection(torch.softmax(cls_preds, 2).permute(0, 2, 1), bbox_preds, anchors)[0]
+    reference = H.multibox_detection(torch.softmax(cls_preds, 2).permute(0, 2, 1), bbox_preds,
+                                     anchors)[0]
     reference = reference[reference[:, 0] >= 0]
     scale = torch.tensor([500.0, 200, 500, 200])
-    torch.testing.assert_close(found[:, 2:], (reference[:, 2:] * scale).clamp(torch.zeros(4), scale))
+    torch.testing.assert_close(found[:, 2:],
+                               (reference[:, 2:] * scale).clamp(torch.zeros(4), scale))
     assert (found[:, [2, 4]] <= 500).all() and (found[:, [3, 5]] <= 200).all()
 
 
@@ -182,10 +229,12 @@ def test_detect_keeps_proportions_and_runs_on_the_whole_rectangle(tiny_data):
     found = H.detect(net, wide, threshold=0.0)
     with torch.no_grad():
         anchors, cls_preds, bbox_preds = net(wide[None].float())
-    reference = H.multibox_detection(torch.softmax(cls_preds, 2).permute(0, 2, 1), bbox_preds, anchors)[0]
+    reference = H.multibox_detection(torch.softmax(cls_preds, 2).permute(0, 2, 1), bbox_preds,
+                                     anchors)[0]
     reference = reference[reference[:, 0] >= 0]
     scale = torch.tensor([512.0, 256, 512, 256])
-    torch.testing.assert_close(found[:, 2:], (reference[:, 2:] * scale).clamp(torch.zeros(4), scale))
+    torch.testing.assert_close(found[:, 2:],
+                               (reference[:, 2:] * scale).clamp(torch.zeros(4), scale))
     assert anchors.shape[1] == 4 * (32 * 64 + 16 * 32 + 8 * 16 + 4 * 8 + 1)
 
 
@@ -193,7 +242,8 @@ def test_detect_on_extreme_shapes(tiny_data):
     """Thin images are scaled up to 64 px on the short side; when that would break max_size they are
     refused (a 100000 x 20 image would otherwise need gigabytes)."""
     net = H.TinySSD(H.default_config()).eval()
-    for shape, max_size in [((3, 20, 300), 1024), ((3, 300, 20), 1024), ((3, 7, 9), 1024), ((3, 20, 3000), 9600)]:
+    for shape, max_size in [((3, 20, 300), 1024), ((3, 300, 20), 1024), ((3, 7, 9), 1024),
+                            ((3, 20, 3000), 9600)]:
         image = torch.nn.functional.interpolate(tiny_data[1][0][:1].float(), size=shape[1:])[0]
         found = H.detect(net, image, threshold=0.0, max_size=max_size)
         assert (found[:, [2, 4]] <= shape[2]).all() and (found[:, [3, 5]] <= shape[1]).all()
@@ -211,6 +261,25 @@ def test_detect_takes_paths_and_pil_images_of_any_mode(tiny_data, tmp_path, mode
         assert H.detect(net, source, threshold=0.0).shape[1] == 6
 
 
+# (class, score, xmin, ymin, xmax, ymax) in pixels of a 64x64 image; class 7 is named nowhere
+DETECTIONS = torch.tensor([[0, 0.9, 4, 4, 20, 20], [1, 0.5, 30, 30, 60, 60],
+                           [7, 0.25, 10, 40, 30, 60]])
+
+
+def shown(detections, **kwargs):
+    """(label texts, box edge colours) that show_detections draws on a fresh axes."""
+    ax = matplotlib.figure.Figure().subplots()
+    H.show_detections(ax, torch.zeros(3, 64, 64, dtype=torch.uint8), detections, **kwargs)
+    return [t.get_text() for t in ax.texts], [p.get_edgecolor() for p in ax.patches]
+
+
+def test_show_detections_names_a_class_it_is_not_given_by_its_id():
+    texts, colours = shown(DETECTIONS, class_names=("banana", "orange"))
+    assert texts == ["banana 0.90", "orange 0.50", "class 7 0.25"]
+    assert shown(DETECTIONS)[0] == ["class 0 0.90", "class 1 0.50", "class 7 0.25"]
+    assert colours == [matplotlib.colors.to_rgba(c) for c in ("w", "c", "m")]  # by id, cycling
+
+
 def test_to_image_tensor_rejects_nonsense():
     with pytest.raises(ValueError, match="expected an image"):
         H.to_image_tensor(torch.zeros(5, 8, 8))
@@ -223,8 +292,10 @@ def test_validation_uses_the_training_precision_not_the_cpu_s(tiny_data, monkeyp
         seen.append(kwargs)
         return real(net, images, **kwargs)
     monkeypatch.setattr(H, "detect_images", spy)
-    H.train_ssd(H.TinySSD(H.default_config()), tiny_data[0], H.TrainConfig(epochs=1, batch_size=8, bf16="off"),
-                torch.device("cpu"), val_data=tiny_data[1], progress=False)
+    H.train_ssd(H.TinySSD(H.default_config()), tiny_data[0],
+                H.TrainConfig(epochs=1, batch_size=8, bf16="off"),
+                torch.device("cpu"), val_data=tiny_data[1], evaluate=H.evaluate_map,
+                progress=False)
     assert seen == [{"bf16": "off", "channels_last": "auto"}]
 
 

@@ -1,9 +1,10 @@
-"""What the profile of notebook 12 points to, tried and measured: `python tests/speed_study.py`.
+"""What the profile of notebook 12 points to, tried and measured:
+`python tests/studies/speed_study.py`.
 
 Notebook 12's profile of a bf16 training step shows the convolutions taking
 about half of the time, and batch norm, ReLU and max-pooling, which read and
 write whole feature maps but do almost no arithmetic, most of the rest. This
-script tries what that points to and writes tests/results/speed_study.csv,
+script tries what that points to and writes tests/studies/results/speed_study.csv,
 which notebook 12 loads:
 
 - train: the default recipe (notebook 07: 20 epochs, seed 0) with the book's
@@ -26,15 +27,17 @@ About 18 minutes on a 2-core CPU with bf16: 15 to train the two models, 3 for th
 import argparse
 import dataclasses
 import pathlib
+import sys
 import warnings
 
 import onnxruntime as ort
 import torch
 from torch import nn
 
-import benchmark
-import ssd_helpers as H
-import study_csv
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # tests/: benchmark.py
+import benchmark  # noqa: E402
+import ssd_helpers as H  # noqa: E402
+import study_csv  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results" / "speed_study.csv"
 COLUMNS = ["part", "variant", "examples/s", "x book", "x ours", "p50 ms", "p90 ms",
@@ -43,13 +46,14 @@ PARTS = ("train", "speed", "latency")
 
 
 def trained_model(first_stride, splits, device):
-    """The default recipe with this first stride: (net in eval mode, results row); reused from data/speed_study/."""
+    """The default recipe with this first stride: (net in eval mode, results row); reused from
+    data/speed_study/."""
     config = H.TrainConfig()
     model_config = dataclasses.replace(H.default_config(), first_stride=first_stride)
     path = H.DATA_DIR / "speed_study" / f"first_stride_{first_stride}.pt"
     saved = torch.load(path, weights_only=True) if path.exists() else {}
-    if saved.get("train_config") != dataclasses.asdict(config) or saved.get("config") != dataclasses.asdict(
-            model_config):
+    if (saved.get("train_config") != dataclasses.asdict(config)
+            or saved.get("config") != dataclasses.asdict(model_config)):
         train = H.read_detection_folder(H.generate_banana_detection() / "bananas_train")
         H.train_variant(config, train, splits, model_config, device, checkpoint=path)
         saved = torch.load(path, weights_only=True)
@@ -57,10 +61,13 @@ def trained_model(first_stride, splits, device):
         print(f"reusing {path}")
     net = H.load_model(path, device)[0]
     results = H.evaluate_splits(net, splits)
-    row = {"part": "train", "variant": f"first_stride={first_stride}" + (" (the book's)" if first_stride == 1 else ""),
+    row = {"part": "train",
+           "variant": f"first_stride={first_stride}"
+                      + (" (the book's)" if first_stride == 1 else ""),
            "minutes": f"{sum(saved['history']['time']) / 60:.1f}"}
     for split, prefix in (("banana", ""), ("small", "small ")):
-        row[prefix + "AP50"], row[prefix + "AP"] = (f"{results[split]['AP50_voc']:.3f}", f"{results[split]['AP']:.3f}")
+        row[prefix + "AP50"], row[prefix + "AP"] = (
+            f"{results[split]['AP50_voc']:.3f}", f"{results[split]['AP']:.3f}")
     return net, row
 
 
@@ -69,7 +76,8 @@ def speed_rows(batches, warmup, compiled):
     H.keep_freed_memory()
     device = torch.device("cpu")
     images, labels = H.read_detection_folder(H.generate_banana_detection() / "bananas_train")
-    ids = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:(warmup + batches) * 32]
+    ids = torch.randperm(len(images),
+                         generator=torch.Generator().manual_seed(0))[:(warmup + batches) * 32]
     ids = ids.reshape(-1, 32)
     variants = {"book (d2l, fp32 NCHW)": benchmark.book_step(images, labels, ids, device)}
     threads = torch.get_num_threads()
@@ -85,14 +93,17 @@ def speed_rows(batches, warmup, compiled):
     torch.set_num_threads(threads)
     rates = {name: batches * 32 / seconds for name, seconds in spent.items()}
     book, default = rates["book (d2l, fp32 NCHW)"], rates["ours (bf16, channels_last)"]
-    return [{"part": "speed", "variant": name, "examples/s": f"{rate:.1f}", "x book": f"{rate / book:.2f}",
-             "x ours": f"{rate / default:.2f}"} for name, rate in rates.items()]
+    return [{"part": "speed", "variant": name, "examples/s": f"{rate:.1f}",
+             "x book": f"{rate / book:.2f}", "x ours": f"{rate / default:.2f}"}
+            for name, rate in rates.items()]
 
 
 def _our_step(images, labels, changes, num_threads, compile_it, device):
-    """A function of a batch of ids that runs one of our bf16 channels_last steps with these changes."""
+    """A function of a batch of ids that runs one of our bf16 channels_last steps with these
+    changes."""
     torch.manual_seed(0)
-    net = H.TinySSD(dataclasses.replace(H.default_config(), first_stride=changes.get("first_stride", 1)))
+    net = H.TinySSD(dataclasses.replace(H.default_config(),
+                                        first_stride=changes.get("first_stride", 1)))
     if changes.get("inplace"):
         for module in net.modules():
             if isinstance(module, nn.ReLU):
@@ -110,7 +121,8 @@ def _our_step(images, labels, changes, num_threads, compile_it, device):
 
 
 def latency_rows(nets, runs=100, warmup=10):
-    """p50 and p90 ms of detect on one 256 x 256 validation image: eager, folded, ONNX Runtime, first_stride=2."""
+    """p50 and p90 ms of detect on one 256 x 256 validation image: eager, folded, ONNX Runtime,
+    first_stride=2."""
     image = H.read_detection_folder(H.generate_banana_detection() / "bananas_val")[0][0]
     net = nets[1]
     onnx_path = H.export_onnx(net, H.DATA_DIR / "speed_study" / "first_stride_1.onnx")
@@ -130,15 +142,20 @@ def latency_rows(nets, runs=100, warmup=10):
 
 
 def main():
-    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")  # the book's metrics
+    # the book's metrics
+    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad")
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--parts", nargs="*", choices=PARTS, default=list(PARTS))
-    parser.add_argument("--batches", type=int, default=12, help="timed training batches per variant")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed batches first (the compile happens here)")
-    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variant")
+    parser.add_argument("--batches", type=int, default=12,
+                        help="timed training batches per variant")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed batches first (the compile happens here)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="leave out the torch.compile variant")
     args = parser.parse_args()
     device = torch.device("cpu")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16 {H.cpu_has_native_bf16()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"native bf16 {H.cpu_has_native_bf16()}")
     rows, nets = [], {}
     if "train" in args.parts or "latency" in args.parts:
         splits = {"banana": H.read_detection_folder(H.generate_banana_detection() / "bananas_val"),
