@@ -13,7 +13,7 @@ Read it as a book. The sections follow the notebooks:
     7. Training: losses, metrics, the loop         (07_training)
     8. Prediction: load_model and detect           (08_prediction)
     9. Evaluation: mean average precision          (09_evaluation)
-    10. Improvements: focal loss, augmentation     (10_improvements)
+    10. Improvements: augmentation, variants       (10_improvements)
     11. Your own data: readers, validation, shell  (11_your_own_data)
     12. Speed, ONNX export, torchvision's SSDlite  (12_speed_and_deployment)
     Appendix: how the synthetic images are drawn   (used by 06_data, not taught)
@@ -38,19 +38,19 @@ as an argument: train_ssd(evaluate=evaluate_map, augment=ssd_batch_augmentation(
 
 Where to change what:
 
-    to change ...            look at                                      section
-    anchor sizes and ratios  SSDConfig (default_config), multibox_prior   0, 7; 4a
-    anchor matching          match_anchors, multibox_target               4b
-    the loss                 calc_loss, hard_negative_mask, focal_loss    7
-    the training loop        TrainConfig, train_ssd, train_step           7
-    decoding and NMS         multibox_detection, nms, detect              4b, 8
-    the AP metric            match_detections ... evaluate_map            9
-    augmentation             ssd_augmentation, ssd_batch_augmentation     10
-    a data format            _READERS (reading), _WRITERS (export)        11
-    the shell commands       main                                         11
-    ONNX export              ExportableDetector, export_onnx              12
-    the synthetic images     the appendix (render_scene, banana_sprite)   Appendix
-    file ownership           _write_manifest, _why_not_ours               Appendix
+    to change ...            look at                                          section
+    anchor sizes and ratios  SSDConfig.sizes and .ratios (default_config)     0 (checked in 5)
+    anchor matching          match_anchors, multibox_target                   4b
+    a loss                   _CLASS_LOSSES or _BOX_LOSSES, calc_loss          7
+    the training loop        TrainConfig, train_ssd, train_step               7
+    decoding and NMS         multibox_detection, nms; ExportableDetector      4b; 12
+    the AP metric            match_detections ... evaluate_map                9
+    augmentation             ssd_augmentation, ssd_batch_augmentation         10
+    a data format            a reader in _READERS, a writer in _WRITERS       11
+    the shell commands       main                                             11
+    ONNX export              ExportableDetector, export_onnx                  12
+    the synthetic images     the appendix (render_scene, banana_sprite)       Appendix
+    file ownership           _write_manifest, _why_not_ours                   Appendix
 """
 
 import concurrent.futures
@@ -108,8 +108,9 @@ __all__ = [
     # 5. Model
     "blk_forward", "TinySSD",
     # 6. Data
-    "DATA_DIR", "CSV_HEADER", "generate_banana_detection", "generate_small_bananas",
-    "generate_fruit_detection", "DatasetError", "open_image", "check_images", "label_problems",
+    "DATA_DIR", "generate_banana_detection", "generate_small_bananas",
+    "generate_fruit_detection", "DatasetError", "image_to_uint8", "open_image", "check_images",
+    "label_problems",
     "check_labels", "read_detection_folder", "DetectionDataset", "load_data_bananas",
     # 7. Training
     "TrainConfig", "IMAGENET_MEAN", "IMAGENET_STD", "default_config", "default_checkpoint",
@@ -494,6 +495,12 @@ def bbox_to_rect(bbox, color):
                          height=bbox[3] - bbox[1], fill=False, edgecolor=color, linewidth=2)
 
 
+def _is_light(color):
+    """True for a matplotlib colour ("y", "#ffdc00", ...) bright enough to carry black text."""
+    red, green, blue = matplotlib.colors.to_rgb(color)
+    return 0.299 * red + 0.587 * green + 0.114 * blue > 0.5
+
+
 def show_bboxes(axes, bboxes, labels=None, colors=None):
     """Draw corner boxes (n, 4), in pixels, on matplotlib ``axes``. Introduced in 04a_anchors.
 
@@ -514,7 +521,7 @@ def show_bboxes(axes, bboxes, labels=None, colors=None):
             top = min(axes.get_ylim())
             inside = rect.xy[1] - top < 0.06 * abs(axes.get_ylim()[1] - axes.get_ylim()[0])
             axes.text(rect.xy[0], rect.xy[1], labels[i], va="top" if inside else "bottom",
-                      ha="left", fontsize=8, color="k" if color in ("w", "y", "c") else "w",
+                      ha="left", fontsize=8, color="k" if _is_light(color) else "w",
                       bbox=dict(facecolor=color, lw=0, pad=1.5, alpha=0.85))
 
 
@@ -781,7 +788,7 @@ class TinySSD(nn.Module):
 # (d2l's convention); the loader divides them by the image size.
 
 DATA_DIR = pathlib.Path(__file__).resolve().parent / "data"  # git-ignored cache
-CSV_HEADER = ("img_name", "label", "xmin", "ymin", "xmax", "ymax")  # d2l's label.csv
+_CSV_HEADER = ("img_name", "label", "xmin", "ymin", "xmax", "ymax")  # d2l's label.csv
 
 
 # 6a. Making the datasets (how the images are drawn is in the appendix)
@@ -933,7 +940,7 @@ def _pixel_values(array, where):
     return values
 
 
-def _image_to_uint8(image, where="image"):
+def image_to_uint8(image, where="image"):
     """A PIL image, numpy array or tensor -> uint8 (3, H, W) RGB. Introduced in 06_data; detect uses
     it (08).
 
@@ -973,7 +980,7 @@ def _image_to_uint8(image, where="image"):
 
 
 def open_image(path, where="image", exif="apply"):
-    """An image file -> uint8 (3, H, W) RGB, read by ``_image_to_uint8``'s rules. Introduced in
+    """An image file -> uint8 (3, H, W) RGB, read by ``image_to_uint8``'s rules. Introduced in
     06_data.
 
     exif="apply" turns a photo upright by its EXIF orientation (for detect);
@@ -994,7 +1001,7 @@ def open_image(path, where="image", exif="apply"):
                     "show it turned or mirrored, and its boxes may have been drawn on either "
                     "version. Save it with the turn applied (PIL.ImageOps.exif_transpose) and "
                     "check its boxes on the saved image.")
-            return _image_to_uint8(image, f"{where}: image {path}")
+            return image_to_uint8(image, f"{where}: image {path}")
     except DatasetError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
@@ -1217,11 +1224,11 @@ def _read_label_csv(csv_path):
     objects; a box without a class gets the label None (label_problems refuses it).
     """
     rows = []
-    for row_number, fields in _csv_table(csv_path, CSV_HEADER):
+    for row_number, fields in _csv_table(csv_path, _CSV_HEADER):
         where = f"{csv_path} row {row_number}"
-        if len(fields) != len(CSV_HEADER):
-            raise DatasetError(f"{where}: expected {len(CSV_HEADER)} columns "
-                               f"({','.join(CSV_HEADER)}), "
+        if len(fields) != len(_CSV_HEADER):
+            raise DatasetError(f"{where}: expected {len(_CSV_HEADER)} columns "
+                               f"({','.join(_CSV_HEADER)}), "
                                f"got {len(fields)}: {fields}")
         name, label, box = fields[0], fields[1], _number_fields(fields[2:])
         if not name:
@@ -1476,8 +1483,8 @@ def focal_loss(logits, labels, gamma=2.0, alpha=None):
 
     -alpha_t (1 - p_t)^gamma log(p_t), p_t = softmax probability of the true class (Lin et al.
     2017). gamma = 0 is cross-entropy; a larger gamma shrinks the loss of anchors that are already
-    right (p_t near 1), mostly easy background. alpha_t = alpha for object rows (label > 0) and 1 -
-    alpha for background; None: 1 for both.
+    right (p_t near 1), mostly easy background. alpha_t = alpha for object rows (label > 0) and
+    1 - alpha for background; None: 1 for both.
     """
     log_pt = F.log_softmax(logits.float(), dim=-1).gather(-1, labels[:, None]).squeeze(-1)
     # clamp: for gamma < 1 the gradient of x^gamma is infinite at x = 0 (p_t rounded to 1)
@@ -1802,12 +1809,11 @@ def keep_freed_memory():
 
     A training step frees and allocates the same large tensors every time. By default glibc returns
     each large block to the kernel when it is freed (munmap, heap trimming), and the next step
-    faults it back in page by page,
-    zeroed: about 300,000 minor page faults per bf16 step of 32 images (12_speed_and_deployment
-    measures it). ``mallopt(M_MMAP_MAX, 0)`` and a high ``M_TRIM_THRESHOLD`` keep the memory in the
-    process instead, as the environment variables MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...
-    would. Process-wide and lasting; train_ssd calls it when ``TrainConfig.keep_freed_memory`` is
-    True. Returns True if applied (Linux with glibc).
+    faults it back in page by page, zeroed: about 300,000 minor page faults per bf16 step of 32
+    images (12_speed_and_deployment measures it). ``mallopt(M_MMAP_MAX, 0)`` and a high
+    ``M_TRIM_THRESHOLD`` keep the memory in the process instead, as the environment variables
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=... would. Process-wide and lasting; train_ssd calls
+    it when ``TrainConfig.keep_freed_memory`` is True. Returns True if applied (Linux with glibc).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -1817,7 +1823,7 @@ def keep_freed_memory():
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
-def train_ssd(net, train_data, config, device, val_data=None, evaluate=None, augment=None,
+def train_ssd(net, train_data, config, device, *, val_data=None, evaluate=None, augment=None,
               checkpoint=None, on_epoch_end=None, progress=True):
     """Train a TinySSD; returns the history. Introduced in 07_training.
 
@@ -1827,7 +1833,8 @@ def train_ssd(net, train_data, config, device, val_data=None, evaluate=None, aug
     augment(images, labels, generator) -> (images, labels) replaces the flip when config.augment
     is True: 10_improvements passes ssd_batch_augmentation().
     checkpoint: a path, saved atomically at the end. on_epoch_end(epoch, history): e.g.
-    ``live_plot()``. The history holds per-epoch lists (_HISTORY_KEYS); examples_per_s times all
+    ``live_plot()``. The history holds per-epoch lists (loss, cls_err, fg_err, bbox_mae, lr, time,
+    examples_per_s, AP50, AP) and the device and precision used; examples_per_s times all
     of an epoch's work. A non-finite loss raises FloatingPointError naming the epoch, the batch
     and the images (indices into train_data), and leaves the model as it was before that batch.
     config.keep_freed_memory (default True) calls keep_freed_memory(), process-wide.
@@ -1870,13 +1877,13 @@ def _check_before_training(net, train_data, val_data, evaluate, config, augment)
         raise FloatingPointError(f"the model already holds NaN or inf (in {bad[0]}) before "
                                  "training: start from a new TinySSD or reload a checkpoint "
                                  "with load_model")
-    if val_data is not None and evaluate is None:
-        raise TypeError("train_ssd(val_data=...) needs evaluate=, the metric that scores it, "
-                        "e.g. evaluate=H.evaluate_map (09_evaluation)")
-    if config.augment != (augment is not None):
+    if (val_data is None) != (evaluate is None) or not (evaluate is None or callable(evaluate)):
+        raise ConfigError("train_ssd's val_data= and evaluate= go together: pass both, with "
+                          "evaluate a function such as H.evaluate_map (09_evaluation), or neither")
+    if config.augment != (augment is not None) or not (augment is None or callable(augment)):
         raise ConfigError("TrainConfig(augment=True) and train_ssd(augment=...) go together: "
-                          "pass both, e.g. augment=H.ssd_batch_augmentation() (10_improvements), "
-                          "or neither")
+                          "pass both, with augment a function such as "
+                          "H.ssd_batch_augmentation() (10_improvements), or neither")
     for name, data in (("train_data", train_data), ("val_data", val_data)):
         if data is not None:
             _check_data(net, name, data)
@@ -1988,8 +1995,8 @@ def _plot_history(history, axes=None):
 
 
 def live_plot():
-    """An ``on_epoch_end`` for notebooks: redraws ``_plot_history`` after every epoch. Introduced in
-    07_training."""
+    """An ``on_epoch_end`` for notebooks: redraws the loss, error and AP curves after every epoch.
+    Introduced in 07_training."""
     from IPython.display import display
     handle = None
 
@@ -2087,12 +2094,12 @@ def to_image_tensor(image):
     """Any image -> uint8 (3, H, W) RGB. Introduced in 08_prediction.
 
     ``image``: a file path (EXIF orientation applied), a PIL image, a numpy
-    array (H, W, C) or a tensor (C, H, W); see ``_image_to_uint8`` for the
+    array (H, W, C) or a tensor (C, H, W); see ``image_to_uint8`` for the
     rules (floats are 0..255; what is ambiguous raises DatasetError).
     """
     if isinstance(image, (str, os.PathLike)):
         return open_image(image, "image", exif="apply")
-    return _image_to_uint8(image)
+    return image_to_uint8(image)
 
 
 def _check_detect_options(threshold, nms_threshold=0.5, size=256, max_size=1024):
@@ -2113,7 +2120,7 @@ def detect(net, image, threshold=0.5, size=256, nms_threshold=0.5, keep_aspect=T
     (C, H, W). Integer pixels are 0..255 (uint16: 0..65535); **floats are
     0..255**, as the model takes them, and floats all within 0..1 are refused
     as ambiguous (multiply a 0..1 image by 255). Photos are turned upright by
-    their EXIF orientation; transparent pixels become white (see _image_to_uint8).
+    their EXIF orientation; transparent pixels become white (see image_to_uint8).
     The image keeps its proportions: it is scaled so that its shorter side is
     ``size`` (the training size; the longer side at most ``max_size``) and the
     model, being convolutional, runs on the whole rectangle. ``keep_aspect=False``
@@ -2163,7 +2170,7 @@ def _in_pixels(rows, height, width):
 
 # Detections are drawn in one palette, with one rule for naming classes, on matplotlib axes
 # (show_detections) and on saved images (draw_detections, 11_your_own_data).
-_DETECTION_COLORS = ("w", "c", "y", "m")  # by class id, cycling
+_DETECTION_COLORS = ("#ffffff", "#00c8ff", "#ffdc00", "#ff00c8")  # by class id, cycling
 
 
 def _class_name(class_names, class_id):
@@ -2260,10 +2267,10 @@ def precision_recall(is_tp_per_image, scores_per_image, num_gts):
     """Precision-recall curve of one class, pooled over all images. Introduced in 09_evaluation.
 
     is_tp_per_image, scores_per_image: lists of (k_i,) tensors from match_detections; num_gts (> 0):
-    ground-truth boxes of the class in all images. Returns (recall, precision), float64 (n,) with n
-    = sum of k_i: entry j is the cut after the j+1 best detections, recall = TP / num_gts and
-    precision = TP / (TP + FP). Ranking as in
-    pycocotools: images concatenated in order, then a stable sort on -score.
+    ground-truth boxes of the class in all images. Returns (recall, precision), float64 (n,) with
+    n = sum of k_i: entry j is the cut after the j+1 best detections, recall = TP / num_gts and
+    precision = TP / (TP + FP). Ranking as in pycocotools: images concatenated in order, then a
+    stable sort on -score.
     """
     if num_gts <= 0:
         raise ValueError("precision/recall need at least one ground truth box")
@@ -2291,16 +2298,14 @@ def average_precision(recall, precision, method="coco"):
     precision by its envelope, the best precision at any recall >= r, which removes the zig-zags of
     the raw curve.
 
-    - "coco": 101-point, exactly as pycocotools: at each recall level r in linspace(0, 1, 101), the
-      envelope at
-      the first cut with recall >= r (searchsorted, side "left"); levels never reached count 0. AP
-      is their mean.
+    - "coco": 101-point, exactly as pycocotools: at each recall level r in linspace(0, 1, 101),
+      the envelope at the first cut with recall >= r (searchsorted, side "left"); levels never
+      reached count 0. AP is their mean.
     - "voc": all-point (PASCAL VOC 2010 on), the exact area under the envelope, sum over j of
       (recall[j] - recall[j-1]) * envelope[j]; only true positives move recall, so only they add
       area.
     - "voc07": 11-point (VOC 2007, the SSD paper's tables, 10_improvements): the mean of the
-      envelope at recall
-      0, 0.1, ..., 1.0, 0 where never reached.
+      envelope at recall 0, 0.1, ..., 1.0, 0 where never reached.
     """
     recall = np.asarray(recall, dtype=np.float64)
     envelope = precision_envelope(precision)
@@ -2562,8 +2567,8 @@ def augment_batch(transform, images, labels, generator=None, num_threads=1):
     clip or drop boxes, never add any, so G rows always suffice. An image that
     ends up with no box stays in the batch with all -1 rows (SSD learns
     background from it); with ``ssd_augmentation`` only images that had no box
-    to begin with end up so in practice: every IoU crop
-    holds the centre of at least one box, so at least half of that box stays.
+    to begin with end up so in practice: every IoU crop holds the centre of at
+    least one box, so at least half of that box stays.
 
     Randomness: torchvision draws from torch's global RNG. This function draws
     one seed per image from ``generator`` (None: the global RNG), then runs the
@@ -2574,9 +2579,8 @@ def augment_batch(transform, images, labels, generator=None, num_threads=1):
     draw (generator None).
 
     num_threads: torch's thread count while the transforms run, restored after (None: leave it).
-    Per-image
-    augmentation is many tiny ops: extra threads barely help, and on a busy CPU they stall each
-    other (measured: 0.2 s -> 10 s per batch of 32), so the default is 1.
+    Per-image augmentation is many tiny ops: extra threads barely help, and on a busy CPU they stall
+    each other (measured: 0.2 s -> 10 s per batch of 32), so the default is 1.
     """
     seeds = torch.randint(0, 2**62, (len(images),), generator=generator).tolist()
     out_images = []
@@ -2591,16 +2595,18 @@ def augment_batch(transform, images, labels, generator=None, num_threads=1):
     return out_images, out_labels
 
 
-def ssd_batch_augmentation(size=256, num_threads=1, **options):
-    """train_ssd's ``augment`` for TrainConfig(augment=True): augment_batch with
-    ssd_augmentation(size, **options), called as f(images, labels, generator). Introduced in
-    10_improvements."""
-    return functools.partial(augment_batch, ssd_augmentation(size, **options),
-                             num_threads=num_threads)
+def ssd_batch_augmentation(size=None, num_threads=1, **options):
+    """train_ssd's ``augment`` for TrainConfig(augment=True): f(images, labels, generator) runs
+    augment_batch with ssd_augmentation(size, **options). size None: the batch's own image size.
+    Introduced in 10_improvements."""
+    def augment(images, labels, generator=None):
+        transform = ssd_augmentation(size or images.shape[-1], **options)
+        return augment_batch(transform, images, labels, generator, num_threads)
+    return augment
 
 
 def show_augmented(transform, images, labels, num=6, generator=None, class_names=None,
-                   colors=("w", "c", "y", "m"), scale=2.0):
+                   colors=_DETECTION_COLORS, scale=2.0):
     """Plot ``num`` images (top row) over an augmented copy (bottom row) with boxes. Introduced in
     10_improvements.
 
@@ -2622,12 +2628,10 @@ def show_augmented(transform, images, labels, num=6, generator=None, class_names
             ax.set_xticks([])
             ax.set_yticks([])
         axes[row, 0].set_ylabel(("original", "augmented")[row])
-    names = class_names or [str(c) for c in range(int(labels[..., 0].max()) + 1)]
-    colour_names = {"w": "white", "c": "cyan", "y": "yellow", "m": "magenta"}
-    key = [matplotlib.patches.Patch(
-               facecolor="0.3", edgecolor=colors[c % len(colors)], lw=3,
-               label=f"{name} ({colour_names.get(colors[c % len(colors)], 'coloured')} box)")
-           for c, name in enumerate(names)]
+    num_classes = max(len(class_names or ()), int(labels[..., 0].max()) + 1)
+    key = [matplotlib.patches.Patch(facecolor="0.3", edgecolor=colors[c % len(colors)], lw=3,
+                                    label=f"{_class_name(class_names, c)} box")
+           for c in range(num_classes)]
     fig.legend(handles=key, loc="lower center", ncol=len(key), frameon=False, handlelength=2.5,
                handleheight=1.5)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
@@ -2677,7 +2681,7 @@ def train_variant(config, train_data, splits, model_config, device, checkpoint=N
     net = TinySSD(model_config)
     if config.cls_loss == "focal":
         init_background_prior(net)
-    augment = ssd_batch_augmentation(train_data[0].shape[-1]) if config.augment else None
+    augment = ssd_batch_augmentation() if config.augment else None
     history = train_ssd(net, train_data, config, device, augment=augment, progress=False)
     results = evaluate_splits(net, splits)
     row = {"minutes": sum(history["time"]) / 60, "train fg error": history["fg_err"][-1]}
@@ -3308,7 +3312,7 @@ def draw_detections(pixels, detections, class_names=None, colors=_DETECTION_COLO
     """
     image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
     draw = ImageDraw.Draw(image)
-    rgb = [tuple(round(255 * v) for v in matplotlib.colors.to_rgb(c)) for c in colors]
+    rgb = [tuple(round(255 * v) for v in matplotlib.colors.to_rgb(c)) for c in colors]  # PIL
     rows = detections.tolist()  # best first
     for class_id, _, *box in rows:  # every box first, so that no box is drawn across a label
         draw.rectangle(box, outline=rgb[int(class_id) % len(rgb)], width=2)
@@ -3319,7 +3323,8 @@ def draw_detections(pixels, detections, class_names=None, colors=_DETECTION_COLO
         y = box[1] - (bottom - top) - 4 if box[1] >= bottom - top + 4 else box[1]
         draw.rectangle([x, y, x + right - left + 4, y + bottom - top + 4],
                        fill=rgb[int(class_id) % len(rgb)])
-        draw.text((x + 2 - left, y + 2 - top), text, fill=(0, 0, 0))
+        ink = (0, 0, 0) if _is_light(colors[int(class_id) % len(colors)]) else (255, 255, 255)
+        draw.text((x + 2 - left, y + 2 - top), text, fill=ink)
     return image
 
 
@@ -3640,10 +3645,9 @@ def detection_gaps(ours, theirs, width, height):
     of each class.
 
     Two runtimes round differently (scores differ by a few 1e-7), so where two anchors' scores tie
-    that closely,
-    either may come first: at the 400th place of the top-k cut, or in NMS between overlapping boxes.
-    The two then keep a different box of the pair. Such ties are among low scores (a flat patch of
-    image, an untrained model).
+    that closely, either may come first: at the 400th place of the top-k cut, or in NMS between
+    overlapping boxes. The two then keep a different box of the pair. Such ties are among low scores
+    (a flat patch of image, an untrained model).
     """
     from scipy.optimize import linear_sum_assignment  # noqa: PLC0415 (only this check needs it)
 
@@ -4544,10 +4548,10 @@ def _csv_rows(img_name, boxes):
 
 
 def _write_csv(path, rows):
-    """Write CSV_HEADER and rows to path (Unix newlines, deterministic)."""
+    """Write _CSV_HEADER and rows to path (Unix newlines, deterministic)."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(CSV_HEADER)
+        writer.writerow(_CSV_HEADER)
         writer.writerows(rows)
 
 
@@ -4861,7 +4865,8 @@ def make_test_scene(path_jpg="img/banana.jpg", path_csv="img/banana.csv", seed=0
     jpg = io.BytesIO()
     Image.fromarray(image).save(jpg, format="JPEG", quality=95)
     table = io.StringIO()
-    csv.writer(table, lineterminator="\n").writerows([CSV_HEADER, *_csv_rows(path_jpg.name, boxes)])
+    rows = [_CSV_HEADER, *_csv_rows(path_jpg.name, boxes)]
+    csv.writer(table, lineterminator="\n").writerows(rows)
     contents = {path_jpg: jpg.getvalue(), path_csv: table.getvalue().encode()}
     for path, data in contents.items():
         if path.exists() and path.read_bytes() != data and not overwrite:

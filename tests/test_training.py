@@ -122,8 +122,12 @@ def test_options_that_do_not_go_together_are_refused_before_training(tiny_data, 
     before = {k: v.clone() for k, v in net.state_dict().items()}
     config = H.TrainConfig(epochs=1, batch_size=8, bf16="off")
     cpu = torch.device("cpu")
-    with pytest.raises(TypeError, match="needs evaluate=.*evaluate_map"):
+    with pytest.raises(H.ConfigError, match="val_data= and evaluate= go together.*evaluate_map"):
         H.train_ssd(net, train, config, cpu, val_data=val, progress=False)
+    with pytest.raises(H.ConfigError, match="go together"):
+        H.train_ssd(net, train, config, cpu, evaluate=H.evaluate_map, progress=False)
+    with pytest.raises(H.ConfigError, match="go together"):  # not a function
+        H.train_ssd(net, train, config, cpu, val_data=val, evaluate="map", progress=False)
     augment = H.ssd_batch_augmentation()
     with pytest.raises(H.ConfigError, match=r"TrainConfig\(augment=True\) and .*augment=.* go "
                                             "together"):
@@ -277,7 +281,9 @@ def test_show_detections_names_a_class_it_is_not_given_by_its_id():
     texts, colours = shown(DETECTIONS, class_names=("banana", "orange"))
     assert texts == ["banana 0.90", "orange 0.50", "class 7 0.25"]
     assert shown(DETECTIONS)[0] == ["class 0 0.90", "class 1 0.50", "class 7 0.25"]
-    assert colours == [matplotlib.colors.to_rgba(c) for c in ("w", "c", "m")]  # by id, cycling
+    # one colour per class id, cycling through four: ids 0, 1 and 7 get the first, second and last
+    palette = shown(torch.tensor([[c, 0.5, 4, 4, 20, 20] for c in range(4)]))[1]
+    assert len(set(palette)) == 4 and colours == [palette[0], palette[1], palette[3]]
 
 
 def test_to_image_tensor_rejects_nonsense():
