@@ -1257,18 +1257,7 @@ def read_detection_folder(folder, num_classes=None):
     csv_path = folder / "label.csv"
     if not csv_path.is_file():
         raise DatasetError(f"{csv_path} is missing")
-    # image path -> its label rows; -> its first row; and case-free spelling -> image path
-    objects, first_row, spelling = {}, {}, {}
-    for row_number, name, label, box in _read_label_csv(csv_path):
-        key = _image_key(name)
-        if spelling.setdefault(key.casefold(), key) != key:
-            raise DatasetError(f"{csv_path} row {row_number}: image {name} differs from another "
-                               "image name only in case; on Windows and macOS they are one file. "
-                               "Rename one.")
-        first_row.setdefault(key, row_number)
-        objects.setdefault(key, [])
-        if label is not None or box is not None:
-            objects[key].append((row_number, label, box))
+    objects, first_row = _rows_by_image(csv_path)
     images, labels = [], []
     for name, rows in objects.items():
         image = open_image(folder / "images" / name, f"{csv_path} row {first_row[name]}",
@@ -1294,6 +1283,23 @@ def read_detection_folder(folder, num_classes=None):
     for i, lab in enumerate(labels):
         padded[i, :len(lab)] = lab
     return torch.stack(images), padded
+
+
+def _rows_by_image(csv_path):
+    """({image path: [(row number, label, box)]}, {image path: its first row number}) of a
+    label.csv, in file order; an image listed with empty fields has no rows."""
+    objects, first_row, spelling = {}, {}, {}  # spelling: case-free name -> image path
+    for row_number, name, label, box in _read_label_csv(csv_path):
+        key = _image_key(name)
+        if spelling.setdefault(key.casefold(), key) != key:
+            raise DatasetError(f"{csv_path} row {row_number}: image {name} differs from another "
+                               "image name only in case; on Windows and macOS they are one file. "
+                               "Rename one.")
+        first_row.setdefault(key, row_number)
+        objects.setdefault(key, [])
+        if label is not None or box is not None:
+            objects[key].append((row_number, label, box))
+    return objects, first_row
 
 
 def _image_key(name):
