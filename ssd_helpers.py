@@ -34,12 +34,13 @@ TrainConfig says keep_freed_memory=False.
 
 No section calls a helper that a later section defines; the appendix is the
 exception. Where training needs something a later notebook teaches, it takes it
-as an argument: train_ssd(evaluate=evaluate_map, augment=ssd_batch_augmentation()).
+as an argument: train_ssd(val_data=..., evaluate=evaluate_map), and with
+TrainConfig(augment=True), train_ssd(augment=ssd_batch_augmentation()).
 
 Where to change what:
 
     to change ...            look at                                          section
-    anchor sizes and ratios  SSDConfig.sizes and .ratios (default_config)     0 (checked in 5)
+    anchor sizes and ratios  SSDConfig.sizes and .ratios (its defaults)       0 (checked in 5)
     anchor matching          match_anchors, multibox_target                   4b
     a loss                   _CLASS_LOSSES or _BOX_LOSSES, calc_loss          7
     the training loop        TrainConfig, train_ssd, train_step               7
@@ -119,7 +120,7 @@ __all__ = [
     "read_checkpoint", "train_step", "keep_freed_memory", "train_ssd", "detect_images", "live_plot",
     "train_default_model",
     # 8. Prediction
-    "load_model", "to_image_tensor", "detect", "show_detections",
+    "load_model", "load_default_model", "to_image_tensor", "detect", "show_detections",
     # 9. Evaluation
     "match_detections", "precision_recall", "precision_envelope", "average_precision",
     "class_precision_recall", "ap_table", "mean_average_precision", "evaluate_map", "plot_pr_curve",
@@ -1800,6 +1801,41 @@ _HISTORY_KEYS = ("loss", "cls_err", "fg_err", "bbox_mae", "lr", "time", "example
                  "AP50", "AP")  # per epoch
 
 
+def _check_predictions(cls_preds, bbox_preds):
+    """RuntimeError if a model's outputs hold NaN or inf: its weights are damaged."""
+    if not (torch.isfinite(cls_preds).all() and torch.isfinite(bbox_preds).all()):
+        raise RuntimeError("the model's outputs hold NaN or inf: its weights or batch-norm "
+                           "statistics are damaged (e.g. by training on bad input). Reload it "
+                           "with load_model.")
+
+
+@torch.no_grad()
+def detect_images(net, images, batch_size=50, pos_threshold=0.01, nms_threshold=0.5, bf16="auto",
+                  channels_last="auto"):
+    """Detections for images (N, 3, H, W) at the model's size. Introduced in 07_training.
+
+    Returns a list of N tensors (k, 6): rows (class, score, xmin, ymin, xmax, ymax),
+    boxes normalised to 0..1, class -1 rows dropped. bf16 and channels_last as
+    in pick_precision; train_ssd passes its TrainConfig's.
+    """
+    device = next(net.parameters()).device
+    use_bf16, use_cl = pick_precision(device, bf16, channels_last)
+    net.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        X = images[i:i + batch_size].to(device).float()
+        if use_cl:
+            X = X.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            anchors, cls_preds, bbox_preds = net(X)
+        _check_predictions(cls_preds, bbox_preds)
+        cls_probs = torch.softmax(cls_preds.float(), dim=2).permute(0, 2, 1)
+        detections = multibox_detection(cls_probs, bbox_preds.float(), anchors.float(),
+                                        nms_threshold=nms_threshold, pos_threshold=pos_threshold)
+        out += [d[d[:, 0] >= 0].cpu() for d in detections]
+    return out
+
+
 def _validation_ap(net, val_data, evaluate, config):
     """{"AP50": VOC AP@0.5, "AP": COCO AP@[.5:.95]} of net on val_data, both None without it."""
     if val_data is None:
@@ -1875,6 +1911,37 @@ def train_ssd(net, train_data, config, device, *, val_data=None, evaluate=None, 
     return history
 
 
+def _train_epoch(net, optimizer, train_data, config, device, epoch, generator, augment, precision,
+                 bar):
+    """One shuffled pass over train_data: (summed batch_metrics and loss, the last learning
+    rate)."""
+    images, labels = train_data
+    steps_per_epoch = math.ceil(len(images) / config.batch_size)
+    net.train()
+    sums = dict.fromkeys(("loss", "cls_wrong", "anchors", "fg_wrong", "fg_anchors", "bbox_abs",
+                          "bbox_values"), 0)
+    for batch, (idx, X, Y) in enumerate(_batches(images, labels, config.batch_size, generator)):
+        if augment is not None:
+            X, Y = augment(X, Y, generator)
+        elif config.hflip:
+            X, Y = hflip_batch(X, Y, generator)
+        lr = lr_at(epoch * steps_per_epoch + batch, steps_per_epoch * config.epochs,
+                   steps_per_epoch, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        try:
+            loss, counts = train_step(net, optimizer, X, Y, config, device, *precision, ids=idx)
+        except FloatingPointError as error:
+            raise FloatingPointError(f"epoch {epoch + 1}, batch {batch + 1} (lr {lr:.3g}): "
+                                     f"{error}. Image numbers are indices into train_data. The "
+                                     "model is left as it was before this batch.") from None
+        for key, value in counts.items():
+            sums[key] += value
+        sums["loss"] += loss * len(X)
+        bar.update(1)
+    return sums, lr
+
+
 def _check_before_training(net, train_data, val_data, evaluate, config, augment):
     """Refuse a model that already holds NaN, data that fail check_images or check_labels, and
     options that do not go together."""
@@ -1908,72 +1975,6 @@ def _check_data(net, name, data):
                            "needs at least one image, and one label tensor per image")
     check_images(data[0], name)
     check_labels(data[1], net.config.num_classes, name)
-
-
-def _train_epoch(net, optimizer, train_data, config, device, epoch, generator, augment, precision,
-                 bar):
-    """One shuffled pass over train_data: (summed batch_metrics and loss, the last learning
-    rate)."""
-    images, labels = train_data
-    steps_per_epoch = math.ceil(len(images) / config.batch_size)
-    net.train()
-    sums = dict.fromkeys(("loss", "cls_wrong", "anchors", "fg_wrong", "fg_anchors", "bbox_abs",
-                          "bbox_values"), 0)
-    for batch, (idx, X, Y) in enumerate(_batches(images, labels, config.batch_size, generator)):
-        if augment is not None:
-            X, Y = augment(X, Y, generator)
-        elif config.hflip:
-            X, Y = hflip_batch(X, Y, generator)
-        lr = lr_at(epoch * steps_per_epoch + batch, steps_per_epoch * config.epochs,
-                   steps_per_epoch, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        try:
-            loss, counts = train_step(net, optimizer, X, Y, config, device, *precision, ids=idx)
-        except FloatingPointError as error:
-            raise FloatingPointError(f"epoch {epoch + 1}, batch {batch + 1} (lr {lr:.3g}): "
-                                     f"{error}. Image numbers are indices into train_data. The "
-                                     "model is left as it was before this batch.") from None
-        for key, value in counts.items():
-            sums[key] += value
-        sums["loss"] += loss * len(X)
-        bar.update(1)
-    return sums, lr
-
-
-def _check_predictions(cls_preds, bbox_preds):
-    """RuntimeError if a model's outputs hold NaN or inf: its weights are damaged."""
-    if not (torch.isfinite(cls_preds).all() and torch.isfinite(bbox_preds).all()):
-        raise RuntimeError("the model's outputs hold NaN or inf: its weights or batch-norm "
-                           "statistics are damaged (e.g. by training on bad input). Reload it "
-                           "with load_model.")
-
-
-@torch.no_grad()
-def detect_images(net, images, batch_size=50, pos_threshold=0.01, nms_threshold=0.5, bf16="auto",
-                  channels_last="auto"):
-    """Detections for images (N, 3, H, W) at the model's size. Introduced in 07_training.
-
-    Returns a list of N tensors (k, 6): rows (class, score, xmin, ymin, xmax, ymax),
-    boxes normalised to 0..1, class -1 rows dropped. bf16 and channels_last as
-    in pick_precision; train_ssd passes its TrainConfig's.
-    """
-    device = next(net.parameters()).device
-    use_bf16, use_cl = pick_precision(device, bf16, channels_last)
-    net.eval()
-    out = []
-    for i in range(0, len(images), batch_size):
-        X = images[i:i + batch_size].to(device).float()
-        if use_cl:
-            X = X.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            anchors, cls_preds, bbox_preds = net(X)
-        _check_predictions(cls_preds, bbox_preds)
-        cls_probs = torch.softmax(cls_preds.float(), dim=2).permute(0, 2, 1)
-        detections = multibox_detection(cls_probs, bbox_preds.float(), anchors.float(),
-                                        nms_threshold=nms_threshold, pos_threshold=pos_threshold)
-        out += [d[d[:, 0] >= 0].cpu() for d in detections]
-    return out
 
 
 def _plot_history(history, axes=None):
@@ -2063,6 +2064,27 @@ def load_model(path, device=None, num_classes=None):
     return net.to(device or "cpu").eval(), config
 
 
+def load_default_model(device=None, fast=False):
+    """Notebook 07's model for the notebooks after it: (net in eval mode, its SSDConfig, path).
+    Introduced in 08_prediction.
+
+    Loads default_checkpoint(fast). If notebook 07 has not saved the full model, it says so and
+    uses the short model of default_checkpoint(fast=True) instead, training it first if needed
+    (train_default_model(fast=True): 2 epochs on 128 images). It never writes the full model's
+    file. Compare ``path`` with default_checkpoint() before checking what only the full model does.
+    """
+    path = default_checkpoint(fast)
+    if not path.exists() and not fast:
+        print(f"No {path.name} from notebook 07: using the short model instead. Run notebook 07 "
+              "for the full one; checks that need it are skipped.")
+        path = default_checkpoint(fast=True)
+    if not path.exists():
+        print(f"Training the short model first ({path.name}).")
+        train_default_model(path, device=device, fast=True)
+    net, config = load_model(path, device=device)
+    return net, config, path
+
+
 def _check_state_dict(path, state, net):
     """CheckpointError unless ``state`` has exactly net's tensors, in net's shapes, all finite."""
     expected = net.state_dict()
@@ -2108,17 +2130,6 @@ def to_image_tensor(image):
     return image_to_uint8(image)
 
 
-def _check_detect_options(threshold, nms_threshold=0.5, size=256, max_size=1024):
-    """ConfigError unless detect's options lie in their ranges."""
-    _check_fields("detect", dict(threshold=threshold, nms_threshold=nms_threshold, size=size,
-                                 max_size=max_size), {
-        "threshold": (lambda v: _is_number(v, 0, 1), "a score in 0..1"),
-        "nms_threshold": (lambda v: _is_number(v, 0, 1) and v > 0, "an IoU in 0..1, above 0"),
-        "size": (lambda v: _is_number(v, 64, integer=True), "an integer >= 64 (pixels)"),
-        "max_size": (lambda v: _is_number(v, size, integer=True), f"an integer >= size ({size})"),
-    })
-
-
 def detect(net, image, threshold=0.5, size=256, nms_threshold=0.5, keep_aspect=True, max_size=1024):
     """Detect objects in one image of any size and mode. Introduced in 08_prediction.
 
@@ -2143,6 +2154,17 @@ def detect(net, image, threshold=0.5, size=256, nms_threshold=0.5, keep_aspect=T
         cls_probs = torch.softmax(cls_preds.float(), dim=2).permute(0, 2, 1)
         output = multibox_detection(cls_probs, bbox_preds.float(), anchors, nms_threshold)[0].cpu()
     return _in_pixels(output[(output[:, 0] >= 0) & (output[:, 1] >= threshold)], height, width)
+
+
+def _check_detect_options(threshold, nms_threshold=0.5, size=256, max_size=1024):
+    """ConfigError unless detect's options lie in their ranges."""
+    _check_fields("detect", dict(threshold=threshold, nms_threshold=nms_threshold, size=size,
+                                 max_size=max_size), {
+        "threshold": (lambda v: _is_number(v, 0, 1), "a score in 0..1"),
+        "nms_threshold": (lambda v: _is_number(v, 0, 1) and v > 0, "an IoU in 0..1, above 0"),
+        "size": (lambda v: _is_number(v, 64, integer=True), "an integer >= 64 (pixels)"),
+        "max_size": (lambda v: _is_number(v, size, integer=True), f"an integer >= size ({size})"),
+    })
 
 
 def _model_input(image, size=256, keep_aspect=True, max_size=1024):
@@ -2443,7 +2465,7 @@ def plot_pr_curve(recall, precision, ax=None, label=None):
 
 
 # ---------------------------------------------------------------------------
-# 10. Improvements: focal loss and box-aware augmentation (10_improvements)
+# 10. Improvements: focal loss's start, box-aware augmentation, variants (10_improvements)
 # ---------------------------------------------------------------------------
 #
 # focal_loss lives with the other losses in section 7; this section starts the model for it.

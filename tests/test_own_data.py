@@ -66,8 +66,8 @@ def test_voc_keeps_difficult_and_counts_pixels_from_one(tmp_path):
     Image.new("RGB", (200, 100), (90, 90, 90)).save(root / "JPEGImages" / "a.jpg")
     (root / "Annotations" / "a.xml").write_text(
         "<annotation><filename>a.jpg</filename><size><width>200</width><height>100</height></size>"
-        "<object><name>cat</name><difficult>1</difficult><bndbox><xmin>1</xmin><ymin>11</ymin><xmax>50</xmax>"
-        "<ymax>60</ymax></bndbox></object></annotation>")
+        "<object><name>cat</name><difficult>1</difficult><bndbox><xmin>1</xmin><ymin>11</ymin>"
+        "<xmax>50</xmax><ymax>60</ymax></bndbox></object></annotation>")
     (root / "ImageSets" / "Main" / "train.txt").write_text("a\n")
     data = H.read_dataset(root)
     assert data.class_names == ("cat",) and data.difficult[0, 0]

@@ -309,3 +309,22 @@ def test_the_checkpoint_path_follows_the_argument_not_the_environment(monkeypatc
     monkeypatch.setenv("TINYSSD_FAST", "1")
     assert H.default_checkpoint().name == "tinyssd_bananas.pt"
     assert H.default_checkpoint(fast=True).name == "tinyssd_bananas_fast.pt"
+
+
+def test_a_missing_full_model_is_never_written_by_the_notebooks_after_07(tmp_path, monkeypatch,
+                                                                      capsys):
+    """Without notebook 07's checkpoint, load_default_model trains and returns the short model
+    under its own name, says so, and leaves the full model's file unwritten."""
+    monkeypatch.setattr(H, "DATA_DIR", tmp_path)
+    trained = []
+
+    def short_training(path, device=None, fast=False, **kwargs):
+        trained.append((path, fast))
+        H.save_checkpoint(path, H.TinySSD(H.default_config()))
+    monkeypatch.setattr(H, "train_default_model", short_training)
+    net, config, path = H.load_default_model(torch.device("cpu"))
+    assert path == H.default_checkpoint(fast=True) and trained == [(path, True)]
+    assert not H.default_checkpoint().exists()
+    assert "No tinyssd_bananas.pt from notebook 07" in capsys.readouterr().out
+    H.save_checkpoint(H.default_checkpoint(), net)  # once 07 has saved it, it is the one used
+    assert H.load_default_model()[2] == H.default_checkpoint() and len(trained) == 1
