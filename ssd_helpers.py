@@ -86,6 +86,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 import tqdm.auto
+import tqdm.notebook
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 from torch import nn
 from torchvision import tv_tensors
@@ -93,7 +94,8 @@ from torchvision.transforms import v2
 
 __all__ = [
     # 0. Set-up
-    "SSDConfig", "ConfigError", "fast_mode", "pick_device", "set_seed", "scratch_folder",
+    "SSDConfig", "ConfigError", "fast_mode", "pick_device", "set_seed", "progress_bar",
+    "scratch_folder",
     # 1. Prediction heads
     "cls_predictor", "bbox_predictor",
     # 2. Concatenation
@@ -141,7 +143,7 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------
-# 0. Set-up: config, device, seed, fast mode (every notebook)
+# 0. Set-up: config, device, seed, fast mode, progress bars (every notebook)
 # ---------------------------------------------------------------------------
 
 _MAX_CLASS_ID = 2**24  # larger class ids cannot be stored exactly in the float32 labels
@@ -268,6 +270,31 @@ def set_seed(seed=0):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+class _NotebookBar(tqdm.notebook.tqdm):
+    """tqdm's notebook bar, shown with a display id so that closing it also updates the stored
+    text (what GitHub and nbviewer show without the widget): the final count, not 0%."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, display=False, **kwargs)
+        self._shown = None
+        if not self.disable:
+            from IPython.display import display
+            self._shown = display(self.container, display_id=True)
+
+    def close(self):
+        super().close()
+        if getattr(self, "_shown", None) is not None:
+            self._shown.update(self.container)
+            self._shown = None
+
+
+def progress_bar(iterable=None, **kwargs):
+    """A tqdm progress bar (same arguments): a widget in a notebook, whose stored text ends at its
+    final state; text in a terminal. Every long loop of the series uses it, from 06_data on."""
+    in_notebook = issubclass(tqdm.auto.tqdm, tqdm.notebook.tqdm)
+    return (_NotebookBar if in_notebook else tqdm.auto.tqdm)(iterable, **kwargs)
 
 
 def scratch_folder(path, remove=False):
@@ -1892,7 +1919,7 @@ def train_ssd(net, train_data, config, device, *, val_data=None, evaluate=None, 
     history = {key: [] for key in _HISTORY_KEYS}
     history |= {"bf16": precision[0], "channels_last": precision[1], "device": str(device)}
     total = math.ceil(len(train_data[0]) / config.batch_size) * config.epochs
-    with tqdm.auto.tqdm(total=total, desc="training", disable=not progress) as bar:
+    with progress_bar(total=total, desc="training", disable=not progress) as bar:
         for epoch in range(config.epochs):
             start = time.perf_counter()
             sums, lr = _train_epoch(net, optimizer, train_data, config, device, epoch, generator,
@@ -3446,7 +3473,7 @@ def detect_folder(net, sources, out_dir, class_names=None, threshold=0.5, echo=N
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, read = [], 0
     try:
-        for path, name in zip(tqdm.auto.tqdm(files, desc="detecting", disable=echo is not None),
+        for path, name in zip(progress_bar(files, desc="detecting", disable=echo is not None),
                               names):
             try:
                 pixels = open_image(path, str(path), exif="apply")
@@ -3749,7 +3776,7 @@ def train_for_seconds(model, train_data, seconds, device, lr=0.025, batch_size=3
     model.to(device).train()
     warmup_steps = math.ceil(len(images) / batch_size)  # one epoch
     history, start = {"steps": 0, "examples": 0, "loss": [], "lr": []}, time.perf_counter()
-    with tqdm.auto.tqdm(total=round(seconds), desc="training (s)", disable=not progress) as bar:
+    with progress_bar(total=round(seconds), desc="training (s)", disable=not progress) as bar:
         while time.perf_counter() - start < seconds:
             for idx, X, Y in _batches(images, labels, batch_size, generator):
                 elapsed = (time.perf_counter() - start) / seconds  # share of the budget spent
@@ -4802,7 +4829,7 @@ def _progress_ticker(progress, total):
             progress(done[0], total)
         return tick, lambda: None
     if progress:
-        bar = tqdm.auto.tqdm(total=total, desc="generating images")
+        bar = progress_bar(total=total, desc="generating images")
         return bar.update, bar.close
     return lambda n: None, lambda: None
 
