@@ -841,8 +841,9 @@ def generate_banana_detection(root=None, seed=0,
 
 def generate_small_bananas(root=None, seed=0,
                            num_train=1000, num_val=100, progress=None):
-    """Like generate_banana_detection, but the banana boxes are only 15..30 px per side (a harder
-    split); same layout, folder names and CSV. Introduced in 06_data."""
+    """Like generate_banana_detection, but the banana boxes are asked to be only 15..30 px per side
+    (a harder split; the tight box of a rotated sprite can come out a pixel smaller); same layout,
+    folder names and CSV. Introduced in 06_data."""
     scene = functools.partial(_banana_scene, side_range=_SMALL_BANANA_BOX)
     root = DATA_DIR / "banana-detection-small" if root is None else root
     return _generate_detection_dataset(root, "bananas", scene, seed, num_train,
@@ -3722,17 +3723,28 @@ def detection_gaps(ours, theirs, width, height):
     return float(gaps[rows, cols].max()), float((ours[rows, 1] - theirs[cols, 1]).abs().max())
 
 
-def latency_ms(fn, runs=100, warmup=10):
-    """Call ``fn()`` warmup + runs times; returns {"p50": ..., "p90": ...} over the timed runs, in
-    milliseconds. Introduced in 12_speed_and_deployment."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return {"p50": float(np.percentile(times, 50)), "p90": float(np.percentile(times, 90))}
+def latency_ms(calls, rounds=5, runs=20, warmup=2):
+    """Time the functions of ``calls`` ({label: fn}) in turns, so that a busy moment of the
+    machine hits them all alike. Introduced in 12_speed_and_deployment.
+
+    In each of ``rounds`` rounds, each function makes ``warmup`` untimed calls, then ``runs``
+    timed ones. Returns {label: {"p50": ..., "p90": ..., "round p50": [...]}}: the median and
+    90th percentile over all its timed calls, and its median in each round, in milliseconds.
+    """
+    times = {label: [] for label in calls}  # label -> one list of timed calls per round
+    for _ in range(rounds):
+        for label, fn in calls.items():
+            for _ in range(warmup):
+                fn()
+            round_times = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                fn()
+                round_times.append((time.perf_counter() - start) * 1000)
+            times[label].append(round_times)
+    return {label: {"p50": float(np.percentile(np.concatenate(t), 50)),
+                    "p90": float(np.percentile(np.concatenate(t), 90)),
+                    "round p50": [float(np.median(r)) for r in t]} for label, t in times.items()}
 
 
 # 12b. The same data through torchvision's SSDlite, trained from scratch for the same time

@@ -108,3 +108,12 @@ def test_fold_batch_norm_gives_the_same_outputs_and_leaves_the_model_alone():
     with torch.no_grad():
         for a, b in zip(net.eval()(X), folded(X)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_latency_ms_times_the_functions_in_turns():
+    calls = []
+    timed = H.latency_ms({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                         rounds=3, runs=2, warmup=1)
+    assert calls == ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
+    assert list(timed) == ["a", "b"]
+    assert all(len(t["round p50"]) == 3 and 0 <= t["p50"] <= t["p90"] for t in timed.values())

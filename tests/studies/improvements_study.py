@@ -8,10 +8,10 @@ and COCO AP@[.5:.95] on the notebook's three validation splits, and writes
 tests/studies/results/improvements_study.csv (notebook 10 loads it): the row, its
 changes, the epochs, the training time in minutes, and both APs per split.
 By default it trains the best combination with and without SSD's augmentation
-(rows best and augmented). About 7 minutes per row on a 2-core CPU with bf16,
-10 with augmentation. `--rows best focal`, `--epochs 5` or `--seed 1` runs
-only those rows, that length or that seed and prints them without writing the
-file.
+(rows best and augmented). About 9 minutes per row on a 2-core CPU with bf16,
+17 with augmentation (the stored CSV's minutes column). `--rows best focal`,
+`--epochs 5` or `--seed 1` runs only those rows, that length or that seed and
+prints them without writing the file.
 """
 import argparse
 import dataclasses
