@@ -1,5 +1,7 @@
 # `make lab`: set up .venv on first use, then open JupyterLab on the notebooks.
 # `make test`: set up .venv on first use, then run the unit tests and every notebook.
+# `make class`: student notebooks made with nbgrader into class/; `make grade SUBMISSIONS=folder`
+# grades a folder of them (TEACHING.md).
 # Both reinstall nothing on a second run: .venv/.installed records the last install.
 
 PYTHON ?= python3
@@ -7,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: lab test bench clean-venv
+.PHONY: lab test bench class grade clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +29,13 @@ lab: $(STAMP)
 # TINYSSD_FAST=1 is the one fast-mode switch: long notebooks shrink their runs.
 test: $(STAMP)
 	TINYSSD_FAST=1 $(BIN)/python -m pytest -q --nbval --nbval-current-env tests notebooks
+
+class: $(STAMP)
+	$(BIN)/python classroom.py build
+
+grade: $(STAMP)
+	@test -n "$(SUBMISSIONS)" || { echo "usage: make grade SUBMISSIONS=folder"; exit 2; }
+	$(BIN)/python classroom.py grade "$(SUBMISSIONS)"
 
 bench: $(STAMP)
 	$(BIN)/python tests/benchmark.py
