@@ -8,16 +8,23 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings
+LAB_OVERRIDES := {"@jupyterlab/apputils-extension:notification": \
+	{"fetchNews": "false", "checkForUpdates": false}}
 
 .PHONY: lab test bench class grade clean-venv
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	# d2l is the reference the tests compare against. --no-deps: its exact pins
 	# would downgrade numpy and break current Python.
 	$(BIN)/python -m pip install --quiet --no-deps d2l==1.0.3
 	$(BIN)/python -m pip install --quiet --no-deps -e .
+	# JupyterLab's own settings overrides, inside .venv (never the user's home): no prompt about
+	# Jupyter news, and no check for updates, which would need the internet.
+	mkdir -p $(LAB_SETTINGS)
+	echo '$(LAB_OVERRIDES)' > $(LAB_SETTINGS)/overrides.json
 	touch $(STAMP)
 
 # Jupyter refuses to start as root (containers, CI boxes) unless told it may.
