@@ -71,6 +71,7 @@ import pathlib
 import random
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -3502,63 +3503,6 @@ def detect_folder(net, sources, out_dir, class_names=None, threshold=0.5, echo=N
     return rows
 
 
-def _score(text):
-    """argparse type for --threshold: a number in (0, 1]."""
-    import argparse
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value <= 1:  # also refuses NaN
-        raise argparse.ArgumentTypeError(f"must be a score in (0, 1], got {text}")
-    return value
-
-
-def main(argv=None):
-    """The shell commands: ``python -m ssd_helpers detect MODEL IMAGES... --out DIR`` and ``validate
-    PATH``. Introduced in 11_your_own_data.
-
-    Exit status: 0 done; 1 validate found problems; 2 an error (printed as ``error: ...``), such as
-    a missing input, no image that could be read, or an option out of range.
-    """
-    import argparse
-    import sys
-    parser = argparse.ArgumentParser(prog="python -m ssd_helpers",
-                                     description="TinySSD from the shell.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("detect",
-                              help="detect objects in images and folders with a trained model")
-    run.add_argument("model", help="a checkpoint saved by train_ssd or save_checkpoint")
-    run.add_argument("images", nargs="+", help="image files or folders of images")
-    run.add_argument("--out", required=True, help="a folder for the drawn images and "
-                     "detections.csv (not an input folder)")
-    run.add_argument("--threshold", type=_score, default=0.5, help="lowest score to keep, in "
-                     "(0, 1] (default 0.5)")
-    check = commands.add_parser("validate",
-                                help="report every problem of a VOC, COCO or CSV dataset")
-    check.add_argument("path", help="a VOC folder, a COCO .json or a .csv")
-    check.add_argument("--split", default="train", help="VOC split (default train)")
-    check.add_argument("--image-dir", help="where the images of a COCO or CSV file are (default: "
-                       "the file's folder)")
-    args = parser.parse_args(argv)
-    try:
-        with _sigterm_as_exit():
-            if args.command == "detect":
-                net, config = load_model(args.model)
-                rows = detect_folder(net, args.images, args.out, config.class_names, args.threshold,
-                                     echo=print)
-                print(f"{len(rows)} detections; drawn images and detections.csv in {args.out}",
-                      file=sys.stderr)
-                return 0
-            report = validate_dataset(args.path, split=args.split, image_dir=args.image_dir)
-            print(report)
-            return 0 if report.ok else 1
-    except (DatasetError, CheckpointError, ConfigError, FileExistsError,
-            FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-
-
 # ---------------------------------------------------------------------------
 # 12. Speed and deployment: folded batch norm, one ONNX graph, torchvision's SSDlite
 #     (12_speed_and_deployment)
@@ -3848,6 +3792,228 @@ def detect_torchvision(model, images, batch_size=50):
                                   found["scores"][:, None].cpu(),
                                   found["boxes"].cpu() / scale), dim=1))
     return out
+
+
+# The shell commands (11_your_own_data, 12_speed_and_deployment): each is a function of the
+# parsed arguments; main() parses them and turns the series' errors into one line and exit code 2.
+
+def _score(text):
+    """argparse type for --threshold: a number in (0, 1]."""
+    import argparse
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be a score in (0, 1], got {text}")
+    return value
+
+
+def _fraction(text):
+    """argparse type for --val-fraction: a number in (0, 1)."""
+    import argparse
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1), got {text}")
+    return value
+
+
+def _training_splits(args):
+    """(train DetectionData-like (images, labels), val (images, labels), class names) for `train`.
+
+    DATA is validated first: a dataset with problems is refused, pointing to `validate`.
+    """
+    for path, split in ((args.data, args.split), (args.val, args.val_split)):
+        if path is not None:
+            report = validate_dataset(path, split=split, image_dir=args.image_dir)
+            if not report.ok:
+                raise DatasetError(f"{path} has {len(report.problems)} problem(s); nothing was "
+                                   f"trained. `python -m ssd_helpers validate {path}` lists them, "
+                                   "each with what to do.")
+    data = read_dataset(args.data, split=args.split, image_dir=args.image_dir)
+    if args.val is not None:
+        val = read_dataset(args.val, split=args.val_split, image_dir=args.image_dir,
+                           class_names=data.class_names)
+        return (data.images, data.labels), (val.images, val.labels), data.class_names
+    order = torch.randperm(len(data.images), generator=torch.Generator().manual_seed(args.seed))
+    num_val = max(1, round(len(order) * args.val_fraction))
+    if num_val >= len(order):
+        raise DatasetError(f"{args.data} holds {len(order)} image(s): too few to hold out "
+                           f"{args.val_fraction:.0%} for validation. Pass --val with a second "
+                           "dataset.")
+    val, train = order[:num_val], order[num_val:]
+    return ((data.images[train], data.labels[train]), (data.images[val], data.labels[val]),
+            data.class_names)
+
+
+def _train_command(args):
+    """`train DATA --epochs N --out MODEL.pt`: train a TinySSD, one line and one checkpoint per
+    epoch, so that Ctrl-C leaves the last complete epoch's model in MODEL.pt."""
+    train, val, class_names = _training_splits(args)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         seed=args.seed)
+    set_seed(config.seed)
+    net = TinySSD(default_config(class_names=class_names))
+    device = pick_device(args.device)
+    _check_can_save(pathlib.Path(args.out), net.state_dict())  # before any training
+
+    def end_of_epoch(epoch, history):
+        save_checkpoint(args.out, net, train_config=dataclasses.asdict(config),
+                        history=_per_epoch(history))
+        tqdm.tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {history['loss'][-1]:.3f}, "
+                        f"validation AP@0.5 {history['AP50'][-1]:.3f}, "
+                        f"AP@[.5:.95] {history['AP'][-1]:.3f} ({history['time'][-1]:.0f} s)")
+    print(f"training on {len(train[0])} images, validating on {len(val[0])}, classes "
+          f"{', '.join(class_names)}, on {device}")
+    history = train_ssd(net, train, config, device, val_data=val, evaluate=evaluate_map,
+                        on_epoch_end=end_of_epoch)
+    print(f"done: {config.epochs} epochs in {sum(history['time']) / 60:.1f} min; validation "
+          f"AP@0.5 {history['AP50'][-1]:.3f}, AP@[.5:.95] {history['AP'][-1]:.3f}; "
+          f"model in {args.out}")
+
+
+def _evaluate_command(args):
+    """`evaluate MODEL.pt DATA`: VOC AP@0.5 and COCO AP@[.5:.95], over all classes and per class;
+    with --out, the same table as a CSV (a new file: an existing one is never replaced)."""
+    out = None if args.out is None else pathlib.Path(args.out)
+    if out is not None and (out.exists() or out.is_symlink()):
+        raise FileExistsError(f"{out} exists; nothing was written. Choose a new file for --out.")
+    net, config = load_model(args.model)
+    data = read_dataset(args.data, split=args.split, image_dir=args.image_dir,
+                        class_names=config.class_names)
+    detections = detect_images(net, data.images)
+    num_classes = config.num_classes
+    voc = mean_average_precision(detections, data.labels, 0.5, num_classes, "voc")
+    coco = mean_average_precision(detections, data.labels, np.linspace(0.5, 0.95, 10),
+                                  num_classes, "coco")
+    rows = [("all classes", voc["map"], coco["map"])]
+    rows += [(name, voc["per_class"].get(c, math.nan), coco["per_class"].get(c, math.nan))
+             for c, name in enumerate(config.class_names or range(num_classes))]
+    print(f"{len(data.images)} images of {args.data}")
+    print(_text_table([{"class": str(name), "VOC AP@0.5": f"{a:.3f}",
+                        "COCO AP@[.5:.95]": f"{b:.3f}"} for name, a, b in rows]))
+    if out is not None:
+        table = io.StringIO()
+        csv.writer(table, lineterminator="\n").writerows(
+            [("class", "voc_ap50", "coco_ap"), *[(n, f"{a:.6f}", f"{b:.6f}") for n, a, b in rows]])
+        out.write_text(table.getvalue(), encoding="utf-8")
+        print(f"written to {out}")
+
+
+def _export_command(args):
+    """`export MODEL.pt --onnx FILE`: export_onnx, then run the file with ONNX Runtime on the
+    series' test scene at three shapes and compare with detect before reporting success."""
+    import onnxruntime  # noqa: PLC0415 (only this command needs it)
+
+    net, _ = load_model(args.model, device=torch.device("cpu"))
+    path = export_onnx(net, args.onnx)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory() as tmp:
+        make_test_scene(pathlib.Path(tmp) / "scene.jpg", pathlib.Path(tmp) / "scene.csv")
+        scene = to_image_tensor(pathlib.Path(tmp) / "scene.jpg")  # (3, 256, 256) uint8
+    worst, compared = (0.0, 0.0), 0
+    for height, width in ((256, 256), (384, 256), (256, 448)):  # square, portrait, landscape
+        image = F.interpolate(scene[None].float(), size=(height, width), mode="bilinear")[0]
+        image = image.round().clamp(0, 255).to(torch.uint8)
+        ours = detect(net, image, threshold=args.threshold)
+        gaps = detection_gaps(ours, detect_onnx(session, image, threshold=args.threshold), width,
+                              height)
+        worst, compared = tuple(max(a, b) for a, b in zip(worst, gaps)), compared + len(ours)
+    if worst[0] > 1e-3 or worst[1] > 1e-3:
+        raise CheckpointError(f"{path} differs from detect by {worst[0]:.2g} of the image's side "
+                              f"and {worst[1]:.2g} in score; do not ship it. Please report this.")
+    print(f"wrote {path}; ONNX Runtime matches detect on the test scene at 3 shapes: "
+          f"{compared} detections with score >= {args.threshold}, largest box gap "
+          f"{worst[0]:.1e} of a side, score gap {worst[1]:.1e}")
+
+
+def _command_parser():
+    """The argparse parser of `python -m ssd_helpers`."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m ssd_helpers",
+                                     description="TinySSD from the shell: from labelled photos to "
+                                     "a validated dataset, a model, an AP table and an ONNX file.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    data_help = "a VOC folder, a COCO .json or a .csv"
+    check = commands.add_parser("validate", help="report every problem of a dataset")
+    check.add_argument("path", help=data_help)
+    train = commands.add_parser("train", help="train a TinySSD on a dataset")
+    train.add_argument("data", help=data_help)
+    train.add_argument("--epochs", type=int, default=20, help="default 20")
+    train.add_argument("--out", required=True, help="the model file, saved after every epoch")
+    train.add_argument("--val", help="a second dataset to validate on (default: hold out "
+                       "--val-fraction of DATA)")
+    train.add_argument("--val-split", default="val", help="VOC split of --val (default val)")
+    train.add_argument("--val-fraction", type=_fraction, default=0.1,
+                       help="share of DATA held out for validation without --val (default 0.1)")
+    train.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    train.add_argument("--lr", type=float, default=TrainConfig.lr)
+    train.add_argument("--seed", type=int, default=0, help="same seed, same model (default 0)")
+    train.add_argument("--device", help="cpu, cuda or mps (default: the best there is)")
+    evaluate = commands.add_parser("evaluate", help="AP of a model on a dataset, per class")
+    evaluate.add_argument("model", help="a model file from train")
+    evaluate.add_argument("data", help=data_help)
+    evaluate.add_argument("--out", help="also write the table to this new CSV file")
+    export = commands.add_parser("export", help="one ONNX file: the model with its decoding and "
+                                 "NMS, checked against detect")
+    export.add_argument("model", help="a model file from train")
+    export.add_argument("--onnx", required=True, help="the ONNX file to write")
+    export.add_argument("--threshold", type=_score, default=0.3, help="lowest score compared")
+    run = commands.add_parser("detect", help="detect objects in images and folders")
+    run.add_argument("model", help="a model file from train")
+    run.add_argument("images", nargs="+", help="image files or folders of images")
+    run.add_argument("--out", required=True, help="a folder for the drawn images and "
+                     "detections.csv (not an input folder)")
+    run.add_argument("--threshold", type=_score, default=0.5, help="lowest score to keep, in "
+                     "(0, 1] (default 0.5)")
+    for command in (check, train, evaluate):
+        command.add_argument("--split", default="train", help="VOC split (default train)")
+        command.add_argument("--image-dir", help="where the images of a COCO or CSV file are "
+                             "(default: the file's folder)")
+    return parser
+
+
+def _detect_command(args):
+    """`detect MODEL IMAGES... --out DIR`: detect_folder."""
+    net, config = load_model(args.model)
+    rows = detect_folder(net, args.images, args.out, config.class_names, args.threshold,
+                         echo=print)
+    print(f"{len(rows)} detections; drawn images and detections.csv in {args.out}",
+          file=sys.stderr)
+
+
+def _validate_command(args):
+    """`validate PATH`: validate_dataset's report; exit status 1 if it found problems."""
+    report = validate_dataset(args.path, split=args.split, image_dir=args.image_dir)
+    print(report)
+    return 0 if report.ok else 1
+
+
+def main(argv=None):
+    """The shell commands: ``python -m ssd_helpers validate|train|evaluate|export|detect``;
+    ``--help`` on each. Introduced in 11_your_own_data (export: 12_speed_and_deployment).
+
+    Exit status: 0 done; 1 validate found problems; 2 an error (printed as ``error: ...``), such as
+    a missing input, data with problems, or an option out of range; 130 stopped by Ctrl-C.
+    """
+    args = _command_parser().parse_args(argv)
+    run = {"validate": _validate_command, "train": _train_command, "detect": _detect_command,
+           "evaluate": _evaluate_command, "export": _export_command}[args.command]
+    try:
+        with _sigterm_as_exit():
+            return run(args) or 0
+    except (DatasetError, CheckpointError, ConfigError, FileExistsError,
+            FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nstopped", file=sys.stderr)
+        if args.command == "train":
+            print(f"The last complete epoch's model is in {args.out}", file=sys.stderr)
+        return 130
 
 
 # ---------------------------------------------------------------------------

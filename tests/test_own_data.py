@@ -325,3 +325,52 @@ def test_own_data_checkpoint_names_its_detections(exported, tmp_path):
     assert config.class_names == NAMES
     found = H.detect(loaded, train.images[0], threshold=0.0)
     assert {config.class_names[int(c)] for c in found[:, 0]} <= set(NAMES)
+
+
+def test_four_shell_commands_from_labelled_photos_to_onnx(exported, tmp_path, capsys):
+    """validate, train, evaluate and export on the VOC export, in this process; then the refusals:
+    data with a problem, an option out of range, an --out that exists."""
+    voc = str(exported["voc"])
+    assert H.main(["validate", voc]) == 0
+    model = tmp_path / "model.pt"
+    assert H.main(["train", voc, "--val", voc, "--epochs", "2", "--batch-size", "8",
+                   "--out", str(model)]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/2: loss" in out and "epoch 2/2: loss" in out and "done: 2 epochs" in out
+    history = H.read_checkpoint(model)["history"]
+    assert len(history["loss"]) == 2  # saved after every epoch, the last one last
+    assert H.main(["evaluate", str(model), voc, "--split", "val", "--out",
+                   str(tmp_path / "ap.csv")]) == 0
+    rows = (tmp_path / "ap.csv").read_text().splitlines()
+    assert rows[0] == "class,voc_ap50,coco_ap" and [r.split(",")[0] for r in rows[1:]] == [
+        "all classes", *NAMES]
+    assert f"{history['AP50'][-1]:.3f}" in capsys.readouterr().out  # train's last AP, again
+    assert H.main(["export", str(model), "--onnx", str(tmp_path / "model.onnx"),
+                   "--threshold", "0.01"]) == 0
+    assert "ONNX Runtime matches detect" in capsys.readouterr().out
+    # refusals: each a one-line error and exit status 2, nothing written
+    assert H.main(["evaluate", str(model), voc, "--out", str(tmp_path / "ap.csv")]) == 2
+    assert H.main(["train", voc, "--epochs", "0", "--out", str(tmp_path / "m2.pt")]) == 2
+    broken = tmp_path / "broken.csv"
+    broken.write_text("image,class,xmin,ymin,xmax,ymax\nnone.png,banana,1,1,9,9\n")
+    assert H.main(["train", str(broken), "--out", str(tmp_path / "m3.pt")]) == 2
+    error = capsys.readouterr().err
+    assert "ap.csv exists" in error and "epochs must be" in error
+    assert "1 problem(s); nothing was trained" in error and "ssd_helpers validate" in error
+    assert not (tmp_path / "m2.pt").exists() and not (tmp_path / "m3.pt").exists()
+
+
+def test_ctrl_c_in_train_leaves_the_last_complete_epoch(exported, tmp_path, capsys, monkeypatch):
+    voc, model = str(exported["voc"]), tmp_path / "model.pt"
+    calls, evaluate = [], H.evaluate_map
+
+    def evaluate_then_stop(detections, labels):  # Ctrl-C while epoch 2 is validated
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(detections, labels)
+    monkeypatch.setattr(H, "evaluate_map", evaluate_then_stop)
+    assert H.main(["train", voc, "--val", voc, "--epochs", "3", "--batch-size", "8",
+                   "--out", str(model)]) == 130
+    assert "last complete epoch's model is in" in capsys.readouterr().err
+    assert len(H.read_checkpoint(model)["history"]["loss"]) == 1
