@@ -336,10 +336,16 @@ def build(course, names, model=True):
         tmp = pathlib.Path(tmp)
         make_source(tmp, names)
         generate(tmp, db=course / "gradebook.db")
-        for step in ("source", "release"):
-            H.build_atomically(course / step, {**params, "kind": f"class-{step}"},
-                               lambda out, step=step: shutil.copytree(tmp / step, out,
-                                                                      dirs_exist_ok=True))
+        for step in ("release", "source"):
+            try:
+                H.build_atomically(course / step, {**params, "kind": f"class-{step}"},
+                                   lambda out, step=step: shutil.copytree(tmp / step, out,
+                                                                          dirs_exist_ok=True),
+                                   advice="make class replaces it only when nobody has edited "
+                                   "it: move those files away, then run make class again.")
+            except FileExistsError as error:
+                done = " (class/release was updated.)" * (step == "source")
+                raise ClassError(f"{error}{done}") from None
     if model:
         print("The datasets and the small model the checks load:")
         H.load_default_model(H.pick_device("cpu"), fast=True)
@@ -454,7 +460,9 @@ def grade(course, submissions):
         with open(out / "totals.csv", "w", newline="") as f:
             f.write("student,notebook,score,max_score\n")
             f.writelines(f"{s},{n},{a:g},{b:g}\n" for (s, n), (a, b) in sorted(totals.items()))
-    H.build_atomically(course / "grades", {"kind": "class-grades", "rows": rows}, write)
+    H.build_atomically(course / "grades", {"kind": "class-grades", "rows": rows}, write,
+                       advice="make grade replaces it only when nobody has edited it: move those "
+                       "files away, then grade again.")
     for (student, name), (got, out_of) in sorted(totals.items()):
         print(f"{student:20s} {name:28s} {got:g} of {out_of:g}")
     print(f"Grade sheets: {course / 'grades'}/tests.csv (per check) and totals.csv")

@@ -5012,20 +5012,20 @@ def _progress_ticker(progress, total):
     return lambda n: None, lambda: None
 
 
-def build_atomically(root, params, write):
+def build_atomically(root, params, write, advice="Pass a new or empty folder."):
     """Create the folder `root` all at once, or reuse a finished one made with the same params.
     Used by every dataset and export the series writes; shown in 06_data.
 
     Otherwise write(tmp) fills a fresh temporary sibling folder, the manifest of every file in it is
     written last, and the folder is renamed to root. root is replaced only if everything in it is
-    the series' own and unchanged (_check_replaceable): otherwise FileExistsError before anything is
-    written. A crash, an error, Ctrl-C or SIGTERM never leaves a half-written root behind. Returns
-    root (Path).
+    the series' own and unchanged (_check_replaceable): otherwise FileExistsError, ending with
+    ``advice``, before anything is written. A crash, an error, Ctrl-C or SIGTERM never leaves a
+    half-written root behind. Returns root (Path).
     """
     root = pathlib.Path(os.path.abspath(root))
     if _is_complete(root, params):
         return root
-    _check_replaceable(root)
+    _check_replaceable(root, advice)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
     try:
@@ -5033,7 +5033,7 @@ def build_atomically(root, params, write):
             write(tmp)
             _write_manifest(tmp, params["kind"], params)
             if not _is_complete(root, params):  # another process may have won
-                _check_replaceable(root)  # again, right before deleting anything
+                _check_replaceable(root, advice)  # again, right before deleting anything
                 if root.is_dir():
                     shutil.rmtree(root)
                 os.replace(tmp, root)

@@ -112,6 +112,16 @@ def test_grading_end_to_end(course, tmp_path):
         assert result["solved"] == []
 
 
+def test_a_rebuild_never_replaces_a_student_notebook_someone_edited(course, monkeypatch):
+    edited = course / "release" / "03_blocks" / "03_blocks.ipynb"
+    edited.write_text(edited.read_text() + " ")
+    C.build(course, C.all_names(), model=False)  # the same inputs: nothing to replace
+    monkeypatch.setattr(C, "_inputs_digest", lambda names: "a notebook changed")
+    with pytest.raises(C.ClassError, match="03_blocks.ipynb .changed since the series wrote it"):
+        C.build(course, C.all_names(), model=False)
+    assert edited.read_text().endswith(" ")
+
+
 def test_grade_refuses_a_folder_it_cannot_read(tmp_path):
     names = ["01_predictors"]
     (tmp_path / "alice").mkdir()
