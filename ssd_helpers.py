@@ -3857,19 +3857,31 @@ def _train_command(args):
                          seed=args.seed)
     set_seed(config.seed)
     net = TinySSD(default_config(class_names=class_names))
-    device = pick_device(args.device)
+    try:
+        device = pick_device(args.device)
+        torch.empty(0, device=device)  # a device this machine lacks fails here, not mid-run
+    except (RuntimeError, AssertionError) as error:
+        raise ConfigError(f"--device {args.device}: {error}") from None
     _check_can_save(pathlib.Path(args.out), net.state_dict())  # before any training
+    saved = []  # the epochs whose model is in args.out
 
     def end_of_epoch(epoch, history):
         save_checkpoint(args.out, net, train_config=dataclasses.asdict(config),
                         history=_per_epoch(history))
+        saved.append(epoch + 1)
         tqdm.tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {history['loss'][-1]:.3f}, "
                         f"validation AP@0.5 {history['AP50'][-1]:.3f}, "
                         f"AP@[.5:.95] {history['AP'][-1]:.3f} ({history['time'][-1]:.0f} s)")
     print(f"training on {len(train[0])} images, validating on {len(val[0])}, classes "
           f"{', '.join(class_names)}, on {device}")
-    history = train_ssd(net, train, config, device, val_data=val, evaluate=evaluate_map,
-                        on_epoch_end=end_of_epoch)
+    try:
+        history = train_ssd(net, train, config, device, val_data=val, evaluate=evaluate_map,
+                            on_epoch_end=end_of_epoch)
+    except KeyboardInterrupt:
+        print("\nstopped: " + (f"{args.out} holds the model of epoch {saved[-1]}, the last "
+                               "complete one" if saved else "no epoch was complete, so "
+                               f"nothing was saved to {args.out}"), file=sys.stderr)
+        return 130
     print(f"done: {config.epochs} epochs in {sum(history['time']) / 60:.1f} min; validation "
           f"AP@0.5 {history['AP50'][-1]:.3f}, AP@[.5:.95] {history['AP'][-1]:.3f}; "
           f"model in {args.out}")
@@ -4011,8 +4023,6 @@ def main(argv=None):
         return 2
     except KeyboardInterrupt:
         print("\nstopped", file=sys.stderr)
-        if args.command == "train":
-            print(f"The last complete epoch's model is in {args.out}", file=sys.stderr)
         return 130
 
 

@@ -5,6 +5,7 @@ fail every graded check, with no other error than the stub's NotImplementedError
 pasted back they pass with full points; with a plausible wrong answer they lose points on the check
 of that answer, and only there.
 """
+import copy
 import csv
 import json
 import re
@@ -83,7 +84,7 @@ def test_student_notebooks_hold_no_answers_and_nothing_else_changes(course, name
             assert text == C.localise(C.source(ours))[0]
 
 
-def test_grading_end_to_end(course, tmp_path):
+def test_grading_end_to_end(course, tmp_path, capsys):
     """Three students per notebook: the notebook as handed out, with the answers pasted back, and
     with one wrong answer. `classroom.py grade` grades the folder."""
     submissions = tmp_path / "submissions"
@@ -93,11 +94,16 @@ def test_grading_end_to_end(course, tmp_path):
         work = {"handed_out": handed_out,
                 "solved": C.paste_solutions(handed_out, source_nb),
                 "wrong": C.paste_solutions(handed_out, source_nb, change=change[:3])}
+        if name == "01_predictors":  # a submission that kills its kernel is not graded
+            work["crashed"] = copy.deepcopy(work["solved"])
+            first = next(c for c in work["crashed"]["cells"] if c["cell_type"] == "code")
+            first["source"] = "import os\n\nos._exit(1)"
         for who, nb in work.items():
             folder = submissions / who / name
             folder.mkdir(parents=True)
             (folder / f"{name}.ipynb").write_text(json.dumps(nb), encoding="utf-8")
     totals = C.grade(course, submissions)
+    assert ("crashed", "01_predictors") not in totals and "not graded" in capsys.readouterr().out
     with open(course / "grades" / "tests.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     for name, (_, _, _, failing) in WRONG.items():

@@ -351,11 +351,12 @@ def test_four_shell_commands_from_labelled_photos_to_onnx(exported, tmp_path, ca
     # refusals: each a one-line error and exit status 2, nothing written
     assert H.main(["evaluate", str(model), voc, "--out", str(tmp_path / "ap.csv")]) == 2
     assert H.main(["train", voc, "--epochs", "0", "--out", str(tmp_path / "m2.pt")]) == 2
+    assert H.main(["train", voc, "--device", "tpu", "--out", str(tmp_path / "m2.pt")]) == 2
     broken = tmp_path / "broken.csv"
     broken.write_text("image,class,xmin,ymin,xmax,ymax\nnone.png,banana,1,1,9,9\n")
     assert H.main(["train", str(broken), "--out", str(tmp_path / "m3.pt")]) == 2
     error = capsys.readouterr().err
-    assert "ap.csv exists" in error and "epochs must be" in error
+    assert "ap.csv exists" in error and "epochs must be" in error and "--device tpu" in error
     assert "1 problem(s); nothing was trained" in error and "ssd_helpers validate" in error
     assert not (tmp_path / "m2.pt").exists() and not (tmp_path / "m3.pt").exists()
 
@@ -372,5 +373,5 @@ def test_ctrl_c_in_train_leaves_the_last_complete_epoch(exported, tmp_path, caps
     monkeypatch.setattr(H, "evaluate_map", evaluate_then_stop)
     assert H.main(["train", voc, "--val", voc, "--epochs", "3", "--batch-size", "8",
                    "--out", str(model)]) == 130
-    assert "last complete epoch's model is in" in capsys.readouterr().err
+    assert "holds the model of epoch 1, the last complete one" in capsys.readouterr().err
     assert len(H.read_checkpoint(model)["history"]["loss"]) == 1
