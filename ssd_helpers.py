@@ -3797,28 +3797,26 @@ def detect_torchvision(model, images, batch_size=50):
 # The shell commands (11_your_own_data, 12_speed_and_deployment): each is a function of the
 # parsed arguments; main() parses them and turns the series' errors into one line and exit code 2.
 
-def _score(text):
-    """argparse type for --threshold: a number in (0, 1]."""
+def _number_in(text, inside, what):
+    """float(text) if inside(value), else argparse's error saying it must be `what` (NaN too)."""
     import argparse
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not 0 < value <= 1:  # also refuses NaN
-        raise argparse.ArgumentTypeError(f"must be a score in (0, 1], got {text}")
+    if not inside(value):  # False for NaN
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
     return value
+
+
+def _score(text):
+    """argparse type for --threshold: a number in (0, 1]."""
+    return _number_in(text, lambda v: 0 < v <= 1, "a score in (0, 1]")
 
 
 def _fraction(text):
     """argparse type for --val-fraction: a number in (0, 1)."""
-    import argparse
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1), got {text}")
-    return value
+    return _number_in(text, lambda v: 0 < v < 1, "a fraction in (0, 1)")
 
 
 def _training_splits(args):
