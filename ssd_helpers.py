@@ -119,9 +119,9 @@ __all__ = [
     # 7. Training
     "TrainConfig", "IMAGENET_MEAN", "IMAGENET_STD", "default_config", "default_checkpoint",
     "hflip_batch", "hard_negative_mask", "focal_loss", "calc_loss", "batch_metrics",
-    "cpu_has_native_bf16", "pick_precision", "lr_at", "CheckpointError", "save_checkpoint",
-    "read_checkpoint", "train_step", "keep_freed_memory", "train_ssd", "detect_images", "live_plot",
-    "train_default_model",
+    "cpu_has_native_bf16", "pick_precision", "pick_grad_scaler", "lr_at", "CheckpointError",
+    "save_checkpoint", "read_checkpoint", "train_step", "keep_freed_memory", "train_ssd",
+    "detect_images", "live_plot", "train_default_model",
     # 8. Prediction
     "load_model", "load_default_model", "to_image_tensor", "detect", "show_detections",
     # 9. Evaluation
@@ -1606,12 +1606,31 @@ def pick_precision(device, bf16="auto", channels_last="auto"):
     """(use_bf16, use_channels_last) for ``device``, from "auto" / "on" / "off". Introduced in
     07_training.
 
-    channels_last speeds up convolutions on CPUs in fp32 too, and bf16 needs it.
+    "auto" picks bf16 where the hardware computes it natively: CPUs with AVX512-BF16 or AMX, and
+    CUDA GPUs from Ampere on (compute capability 8.0). Older CUDA GPUs train in fp16 instead
+    (pick_grad_scaler). channels_last speeds up convolutions on CPUs in fp32 too, and bf16 needs it.
     """
-    use_bf16 = (device.type == "cpu" and cpu_has_native_bf16()) if bf16 == "auto" else bf16 == "on"
+    if bf16 == "auto":
+        use_bf16 = (cpu_has_native_bf16() if device.type == "cpu" else
+                    device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0))
+    else:
+        use_bf16 = bf16 == "on"
     use_cl = ((use_bf16 or device.type == "cpu") if channels_last == "auto"
               else channels_last == "on")
     return use_bf16, use_cl
+
+
+def pick_grad_scaler(device, bf16="auto"):
+    """A torch.amp.GradScaler where training runs in fp16, else None. Introduced in 07_training.
+
+    fp16 autocast is the choice of "auto" on a CUDA GPU without native bf16 (before Ampere). fp16
+    keeps more digits than bf16 but a far smaller range, so small gradients would round to 0: the
+    scaler multiplies the loss before the backward pass, divides the gradients before the step, and
+    skips a step whose gradients overflowed, lowering its scale. train_step takes it as ``scaler``.
+    """
+    if device.type == "cuda" and bf16 == "auto" and not pick_precision(device, bf16)[0]:
+        return torch.amp.GradScaler("cuda")
+    return None
 
 
 def lr_at(step, total_steps, steps_per_epoch, config):
@@ -1736,34 +1755,37 @@ def _undo_forward(net, optimizer, saved):
 
 
 def train_step(net, optimizer, images, labels, config, device, use_bf16=False, use_cl=False,
-               ids=None):
+               ids=None, *, scaler=None, share=1.0):
     """One SGD step on a batch: images (B, 3, H, W) uint8, labels (B, G, 5). Used by train_ssd
     (07_training).
 
-    Returns (loss as a float, batch_metrics). The forward pass runs under bf16 autocast when asked;
-    targets and loss are float32. The batch is checked first (check_images, check_labels). If a
-    loss, a gradient or a new weight is not finite, the step is undone (weights, optimizer state and
-    the batch-norm statistics the forward pass moved) and FloatingPointError names the images
-    (``ids``, default 0..B-1): the model is left as it was before the batch.
+    Returns (loss as a float, batch_metrics). The forward pass runs under bf16 autocast when asked,
+    or fp16 with a ``scaler`` (pick_grad_scaler); targets and loss are float32. The batch is checked
+    first (check_images, check_labels). If a loss, a gradient or a new weight is not finite, the
+    step is undone (weights, optimizer state and the batch-norm statistics the forward pass moved)
+    and FloatingPointError names the images (``ids``, default 0..B-1): the model is left as it was
+    before the batch. Under torchrun, net is a DistributedDataParallel and ``share`` is this
+    process's part of the global batch times the number of processes (train_ssd).
     """
+    tinyssd = getattr(net, "module", net)  # the TinySSD, also inside a DistributedDataParallel
     check_images(images, "batch", ids)
-    check_labels(labels, net.config.num_classes, "batch", ids)
+    check_labels(labels, tinyssd.config.num_classes, "batch", ids)
     saved = {name: buffer.clone() for name, buffer in net.named_buffers()}  # batch-norm statistics
-    X = images.to(device).float()
+    X = _to_device(images, device).float()
     if use_cl:
         X = X.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+    with torch.autocast(device.type, dtype=torch.bfloat16 if scaler is None else torch.float16,
+                        enabled=use_bf16 or scaler is not None):
         anchors, cls_preds, bbox_preds = net(X)
     with torch.no_grad():
-        bbox_labels, bbox_masks, cls_labels = multibox_target(anchors.float(), labels.to(device))
+        bbox_labels, bbox_masks, cls_labels = multibox_target(anchors.float(),
+                                                              _to_device(labels, device))
     losses = calc_loss(cls_preds, cls_labels, bbox_preds, bbox_labels, bbox_masks,
                        **_loss_options(config))  # (B,)
     optimizer.zero_grad(set_to_none=True)
     try:
         _check_loss(losses, ids)
-        losses.mean().backward()
-        _check_gradients(net)
-        _step_or_undo(net, optimizer)
+        _backward_and_step(net, optimizer, losses.mean() * share, scaler)
     except FloatingPointError:
         _undo_forward(net, optimizer, saved)
         raise
@@ -1771,16 +1793,44 @@ def train_step(net, optimizer, images, labels, config, device, use_bf16=False, u
                                                bbox_masks)
 
 
+def _to_device(tensor, device):
+    """tensor on device; to a CUDA GPU from pinned memory with non_blocking=True, so that the copy
+    runs beside the work already queued on the GPU."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def _check_loss(losses, ids):
-    """FloatingPointError naming the images unless every per-image loss (B,) is finite."""
+    """FloatingPointError naming the images unless every per-image loss (B,) is finite, in this
+    process and, under torchrun, in every other (so that all of them stop together)."""
     bad = (~torch.isfinite(losses.detach())).nonzero()[:, 0].tolist()
-    if bad:
-        names = [int(ids[i]) if ids is not None else i for i in bad]
-        raise FloatingPointError(
-            f"the loss is {losses[bad[0]].item()} for image(s) {names[:10]}"
-            f"{' ...' if len(bad) > 10 else ''}. Their pixels and labels passed the checks, so "
-            "the model's outputs overflowed: the learning rate is likely too high for this loss; "
-            "lower config.lr")
+    if not _in_any_process(bool(bad), losses.device):
+        return
+    if not bad:
+        raise FloatingPointError("the loss is not finite in another process's part of the batch; "
+                                 "that process names the images")
+    names = [int(ids[i]) if ids is not None else i for i in bad]
+    raise FloatingPointError(
+        f"the loss is {losses[bad[0]].item()} for image(s) {names[:10]}"
+        f"{' ...' if len(bad) > 10 else ''}. Their pixels and labels passed the checks, so "
+        "the model's outputs overflowed: the learning rate is likely too high for this loss; "
+        "lower config.lr")
+
+
+def _backward_and_step(net, optimizer, loss, scaler):
+    """loss.backward() and one optimizer step. With a GradScaler (fp16) the loss is scaled, and a
+    step whose gradients overflowed is skipped while the scaler lowers its scale: in fp16 training
+    that is routine, not an error."""
+    if scaler is None:
+        loss.backward()
+        _check_gradients(net)
+        _step_or_undo(net, optimizer, optimizer.step)
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        _step_or_undo(net, optimizer, lambda: scaler.step(optimizer))
+        scaler.update()
 
 
 def _check_gradients(net):
@@ -1792,12 +1842,12 @@ def _check_gradients(net):
 
 
 @torch.no_grad()
-def _step_or_undo(net, optimizer):
-    """optimizer.step(); if it leaves a weight NaN or inf, put weights and optimizer state back
-    and raise FloatingPointError saying why."""
+def _step_or_undo(net, optimizer, step):
+    """step() (the optimizer's); if it leaves a weight NaN or inf, put weights and optimizer state
+    back and raise FloatingPointError saying why."""
     weights = [p.detach().clone() for p in net.parameters()]
     state = copy.deepcopy(optimizer.state_dict())  # e.g. momentum buffers
-    optimizer.step()
+    step()
     bad = _non_finite_tensors(dict(net.named_parameters()))
     if not bad:
         return
@@ -1895,7 +1945,7 @@ def keep_freed_memory():
 
 
 def train_ssd(net, train_data, config, device, *, val_data=None, evaluate=None, augment=None,
-              checkpoint=None, on_epoch_end=None, progress=True):
+              checkpoint=None, resume=None, on_epoch_end=None, progress=True):
     """Train a TinySSD; returns the history. Introduced in 07_training.
 
     train_data, val_data: (images (N, 3, H, W) uint8, labels (N, G, 5)) in memory.
@@ -1903,47 +1953,65 @@ def train_ssd(net, train_data, config, device, *, val_data=None, evaluate=None, 
     notebook 07 passes evaluate_map, which 09_evaluation derives.
     augment(images, labels, generator) -> (images, labels) replaces the flip when config.augment
     is True: 10_improvements passes ssd_batch_augmentation().
-    checkpoint: a path, saved atomically at the end. on_epoch_end(epoch, history): e.g.
-    ``live_plot()``. The history holds per-epoch lists (loss, cls_err, fg_err, bbox_mae, lr, time,
-    examples_per_s, AP50, AP) and the device and precision used; examples_per_s times all
-    of an epoch's work. A non-finite loss raises FloatingPointError naming the epoch, the batch
-    and the images (indices into train_data), and leaves the model as it was before that batch.
+    checkpoint: a path, saved atomically after every epoch with what resuming needs. resume: the
+    path of such a checkpoint of an unfinished run with the same config and train_data; training
+    goes on after its last epoch with its weights, optimiser, random state and history, as if it
+    had never stopped. on_epoch_end(epoch, history): e.g. ``live_plot()``.
+    The history holds per-epoch lists (loss, cls_err, fg_err, bbox_mae, lr, time, examples_per_s,
+    AP50, AP) and the device and precision used; examples_per_s times all of an epoch's work.
+    A non-finite loss raises FloatingPointError naming the epoch, the batch and the images
+    (indices into train_data), and leaves the model as it was before that batch.
     config.keep_freed_memory (default True) calls keep_freed_memory(), process-wide.
+    Under torchrun (once torch.distributed is started, as the train command does) each process
+    trains on its part of every batch of config.batch_size images, and only the first one
+    validates, saves, calls on_epoch_end and shows progress.
     """
     _check_before_training(net, train_data, val_data, evaluate, config, augment)
     if config.keep_freed_memory:
         keep_freed_memory()
+    rank, world = _rank_and_world()
     precision = pick_precision(device, config.bf16, config.channels_last)  # (bf16, channels_last)
     net.to(device, memory_format=torch.channels_last if precision[1] else torch.contiguous_format)
+    model = net if world == 1 else nn.parallel.DistributedDataParallel(
+        net, device_ids=[device] if device.type == "cuda" else None)  # averages the gradients
     optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     history = {key: [] for key in _HISTORY_KEYS}
     history |= {"bf16": precision[0], "channels_last": precision[1], "device": str(device)}
-    total = math.ceil(len(train_data[0]) / config.batch_size) * config.epochs
-    with progress_bar(total=total, desc="training", disable=not progress) as bar:
-        for epoch in range(config.epochs):
+    step_options = dict(use_bf16=precision[0], use_cl=precision[1],
+                        scaler=pick_grad_scaler(device, config.bf16))
+    data_hash = _data_hash(train_data) if checkpoint or resume else None
+    done = 0 if resume is None else _resume(resume, config, data_hash, net, optimizer, generator,
+                                            history)
+    steps = math.ceil(len(train_data[0]) / config.batch_size)
+    with progress_bar(total=steps * config.epochs, initial=steps * done, desc="training",
+                      disable=not progress or rank > 0) as bar:
+        for epoch in range(done, config.epochs):
             start = time.perf_counter()
-            sums, lr = _train_epoch(net, optimizer, train_data, config, device, epoch, generator,
-                                    augment, precision, bar)
+            sums, lr = _train_epoch(model, optimizer, train_data, config, device, epoch, generator,
+                                    augment, step_options, bar)
+            _check_processes_agree(net, device)
             row = _epoch_summary(sums, len(train_data[0]), time.perf_counter() - start, lr)
-            row.update(_validation_ap(net, val_data, evaluate, config))
+            row.update(_validation_ap(net, val_data if rank == 0 else None, evaluate, config))
             for key in row:
                 history[key].append(row[key])
             bar.set_postfix(loss=f"{row['loss']:.3g}", ex_per_s=f"{row['examples_per_s']:.0f}",
-                            **({"AP50": f"{row['AP50']:.3f}"} if val_data is not None else {}))
-            if on_epoch_end is not None:
+                            **({"AP50": f"{row['AP50']:.3f}"} if row["AP50"] is not None else {}))
+            if rank == 0 and checkpoint is not None:
+                save_checkpoint(checkpoint, net, train_config=dataclasses.asdict(config),
+                                history=_per_epoch(history), resume={
+                                    "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
+                                    "generator": generator.get_state(), "data": data_hash})
+            if rank == 0 and on_epoch_end is not None:
                 on_epoch_end(epoch, history)
-    if checkpoint is not None:
-        save_checkpoint(checkpoint, net, train_config=dataclasses.asdict(config),
-                        history=_per_epoch(history))
     return history
 
 
-def _train_epoch(net, optimizer, train_data, config, device, epoch, generator, augment, precision,
-                 bar):
-    """One shuffled pass over train_data: (summed batch_metrics and loss, the last learning
-    rate)."""
+def _train_epoch(net, optimizer, train_data, config, device, epoch, generator, augment,
+                 step_options, bar):
+    """One shuffled pass over train_data: (summed batch_metrics and loss, the last learning rate).
+    Under torchrun every process draws the same batches and trains on its part of each."""
     images, labels = train_data
     steps_per_epoch = math.ceil(len(images) / config.batch_size)
     net.train()
@@ -1958,17 +2026,139 @@ def _train_epoch(net, optimizer, train_data, config, device, epoch, generator, a
                    steps_per_epoch, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        part, share = _my_part(len(X))
         try:
-            loss, counts = train_step(net, optimizer, X, Y, config, device, *precision, ids=idx)
+            loss, counts = train_step(net, optimizer, X[part], Y[part], config, device,
+                                      ids=idx[part], share=share, **step_options)
         except FloatingPointError as error:
             raise FloatingPointError(f"epoch {epoch + 1}, batch {batch + 1} (lr {lr:.3g}): "
                                      f"{error}. Image numbers are indices into train_data. The "
                                      "model is left as it was before this batch.") from None
-        for key, value in counts.items():
-            sums[key] += value
-        sums["loss"] += loss * len(X)
+        if share > 0:  # a stand-in image (share 0) counts for nothing
+            for key, value in counts.items():
+                sums[key] += value
+            sums["loss"] += loss * len(idx[part])
         bar.update(1)
-    return sums, lr
+    return _summed_over_processes(sums, device), lr
+
+
+# Training on several processes (torchrun): each process takes a part of every batch, its
+# DistributedDataParallel averages the gradients, and these helpers do the rest. In one process
+# they change nothing.
+
+def _distributed_started():
+    """True once torch.distributed's process group is started (the train command under torchrun)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _rank_and_world():
+    """(this process's rank, number of processes): (0, 1) unless torch.distributed is started."""
+    if _distributed_started():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _my_part(batch_size):
+    """(slice of a batch this process trains on, its share): the processes take consecutive parts
+    of about batch_size / world images. share = world x part / batch_size, so that the gradients
+    DistributedDataParallel averages are the whole batch's mean. A process left without an image
+    trains on the first one with share 0: it still takes part in the average."""
+    rank, world = _rank_and_world()
+    start, stop = rank * batch_size // world, (rank + 1) * batch_size // world
+    if start == stop:
+        return slice(0, 1), 0.0
+    return slice(start, stop), world * (stop - start) / batch_size
+
+
+def _in_any_process(flag, device):
+    """True if flag is True here or, under torchrun, in any other process."""
+    if _rank_and_world()[1] == 1:
+        return flag
+    flag = torch.tensor(float(flag), device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag)
+
+
+def _check_processes_agree(net, device):
+    """RuntimeError unless every process holds the same weights, as DistributedDataParallel keeps
+    them: the model the first process saves is the model of all."""
+    if _rank_and_world()[1] == 1:
+        return
+    sums = torch.stack([p.detach().double().sum() for p in net.parameters()]).to(device)
+    low, high = sums.clone(), sums
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError("after an epoch the processes hold different weights: their gradients "
+                           "were not averaged. Train the TinySSD inside a "
+                           "DistributedDataParallel, as train_ssd does.")
+
+
+def _summed_over_processes(sums, device):
+    """A dict of numbers summed over all processes (itself in one process)."""
+    if _rank_and_world()[1] == 1:
+        return sums
+    values = torch.tensor(list(sums.values()), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(values)
+    return dict(zip(sums, values.tolist()))
+
+
+# Resuming: train_ssd saves, after every epoch, the state an unfinished run needs.
+
+def _data_hash(data):
+    """SHA-256 of (images, labels), kept in checkpoints: resuming checks that the data are the
+    same."""
+    digest = hashlib.sha256()
+    for tensor in data:
+        digest.update(tensor.detach().cpu().contiguous().numpy())
+    return digest.hexdigest()
+
+
+def _resume(path, config, data_hash, net, optimizer, generator, history):
+    """Load an unfinished run's weights, optimiser and random state and history from the checkpoint
+    at path into the other arguments; return the number of epochs it had done."""
+    path = pathlib.Path(path)
+    checkpoint = _training_state(path, config, data_hash)
+    state = checkpoint["resume"]
+    try:
+        net.load_state_dict(checkpoint["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as error:
+        raise CheckpointError(f"{path} cannot be resumed: its saved state does not fit this model "
+                              f"({str(error).splitlines()[0][:200]}). Start a new run.") from None
+    bad = _non_finite_tensors(net.state_dict())
+    if bad:
+        raise CheckpointError(f"{path} holds NaN or inf (in {bad[0]}): it cannot be resumed. "
+                              "Start a new run.")
+    history.update({key: list(checkpoint["history"][key]) for key in _HISTORY_KEYS})
+    return state["epoch"]
+
+
+def _training_state(path, config, data_hash=None):
+    """The checkpoint at path if a run of ``config`` (on data with ``data_hash``) can resume from
+    it; CheckpointError, ConfigError or DatasetError naming the file and what to do otherwise."""
+    checkpoint = read_checkpoint(path)
+    state, history = checkpoint.get("resume"), checkpoint.get("history")
+    done = state.get("epoch") if isinstance(state, dict) else None
+    if not (isinstance(done, int) and done >= 1 and isinstance(history, dict)
+            and all(len(history.get(key, ())) == done for key in _HISTORY_KEYS)):
+        raise CheckpointError(f"{path} holds no training state to resume from (a model saved by "
+                              "save_checkpoint alone, or damaged). Start a new run.")
+    saved = checkpoint.get("train_config")
+    saved = saved if isinstance(saved, dict) else {}
+    changed = [key for key, value in dataclasses.asdict(config).items()
+               if key != "keep_freed_memory" and saved.get(key) != value]
+    if changed:
+        key = changed[0]
+        raise ConfigError(f"{path} was trained with {key}={saved.get(key)!r}, and this run asks "
+                          f"for {getattr(config, key)!r}: resuming needs the same settings (the "
+                          "learning-rate schedule depends on them). Use that run's settings, or "
+                          "start a new run.")
+    if data_hash is not None and state.get("data") != data_hash:
+        raise DatasetError(f"the training data differ from the data {path} was trained on: resume "
+                           "with the same data and validation split, or start a new run.")
+    return checkpoint
 
 
 def _check_before_training(net, train_data, val_data, evaluate, config, augment):
@@ -3849,40 +4039,84 @@ def _training_splits(args):
 
 def _train_command(args):
     """`train DATA --epochs N --out MODEL.pt`: train a TinySSD, one line and one checkpoint per
-    epoch, so that Ctrl-C leaves the last complete epoch's model in MODEL.pt."""
+    epoch, so that Ctrl-C leaves the last complete epoch's model in MODEL.pt, and --resume goes on
+    from it. Under torchrun each process trains on its part of every batch."""
     train, val, class_names = _training_splits(args)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          seed=args.seed)
     set_seed(config.seed)
-    net = TinySSD(default_config(class_names=class_names))
-    try:
-        device = pick_device(args.device)
-        torch.empty(0, device=device)  # a device this machine lacks fails here, not mid-run
-    except (RuntimeError, AssertionError) as error:
-        raise ConfigError(f"--device {args.device}: {error}") from None
-    _check_can_save(pathlib.Path(args.out), net.state_dict())  # before any training
-    saved = []  # the epochs whose model is in args.out
+    out = pathlib.Path(args.out)
+    if args.resume:
+        if not out.exists():
+            raise FileNotFoundError(f"--resume: {out} does not exist, so there is no run to go on "
+                                    "with. Drop --resume to start one.")
+        net, saved = load_model(out)
+        _check_same_classes(out, saved.class_names, class_names)
+        done = len(_training_state(out, config)["history"]["loss"])
+    else:
+        net, done = TinySSD(default_config(class_names=class_names)), 0
+        _check_can_save(out, net.state_dict())  # before any training
+    device, rank = _start_processes(args.device)
+    saved_epochs = [done] if done else []  # the epochs whose model is in out
 
     def end_of_epoch(epoch, history):
-        save_checkpoint(args.out, net, train_config=dataclasses.asdict(config),
-                        history=_per_epoch(history))
-        saved.append(epoch + 1)
+        saved_epochs.append(epoch + 1)
         tqdm.tqdm.write(f"epoch {epoch + 1}/{config.epochs}: loss {history['loss'][-1]:.3f}, "
                         f"validation AP@0.5 {history['AP50'][-1]:.3f}, "
                         f"AP@[.5:.95] {history['AP'][-1]:.3f} ({history['time'][-1]:.0f} s)")
-    print(f"training on {len(train[0])} images, validating on {len(val[0])}, classes "
-          f"{', '.join(class_names)}, on {device}")
+    world = _rank_and_world()[1]
+    if rank == 0:
+        print(f"training on {len(train[0])} images, validating on {len(val[0])}, classes "
+              f"{', '.join(class_names)}, on {device}"
+              + (f" in {world} processes" if world > 1 else "")
+              + (f"; resuming {out} after epoch {done}" if done else ""))
     try:
         history = train_ssd(net, train, config, device, val_data=val, evaluate=evaluate_map,
+                            checkpoint=out, resume=out if args.resume else None,
                             on_epoch_end=end_of_epoch)
-    except KeyboardInterrupt:
-        print("\nstopped: " + (f"{args.out} holds the model of epoch {saved[-1]}, the last "
-                               "complete one" if saved else "no epoch was complete, so "
-                               f"nothing was saved to {args.out}"), file=sys.stderr)
-        return 130
-    print(f"done: {config.epochs} epochs in {sum(history['time']) / 60:.1f} min; validation "
-          f"AP@0.5 {history['AP50'][-1]:.3f}, AP@[.5:.95] {history['AP'][-1]:.3f}; "
-          f"model in {args.out}")
+    except (KeyboardInterrupt, FloatingPointError) as stop:
+        kept = (f"{out} holds the model of epoch {saved_epochs[-1]}, the last complete one; "
+                "--resume goes on from it" if saved_epochs else
+                f"no epoch was complete, so nothing was saved to {out}")
+        if isinstance(stop, KeyboardInterrupt):
+            print(f"\nstopped: {kept}" if rank == 0 else "", file=sys.stderr)
+            return 130
+        print(f"error: {stop}" + (f"\n{kept}" if rank == 0 else ""), file=sys.stderr)
+        return 2
+    finally:
+        if _distributed_started():
+            torch.distributed.destroy_process_group()
+    if rank == 0:  # the others have nothing to add
+        print(f"done: {config.epochs} epochs in {sum(history['time']) / 60:.1f} min; validation "
+              f"AP@0.5 {history['AP50'][-1]:.3f}, AP@[.5:.95] {history['AP'][-1]:.3f}; model in "
+              f"{out}")
+
+
+def _check_same_classes(path, saved, names):
+    """DatasetError unless the model at path was trained on classes named as the data's."""
+    if tuple(saved or ()) != tuple(names):
+        raise DatasetError(f"{path} was trained on the classes {', '.join(map(str, saved or ()))}"
+                           f", and the data hold {', '.join(names)}: resume with the same data, "
+                           "or start a new run.")
+
+
+def _start_processes(device_name):
+    """(device, rank) for `train`: under torchrun, torch.distributed started with gloo on a CPU or
+    nccl on CUDA, one GPU per process; (pick_device(device_name), 0) otherwise."""
+    try:
+        device = pick_device(device_name)
+        torch.empty(0, device=device)  # a device this machine lacks fails here, not mid-run
+    except (RuntimeError, AssertionError) as error:
+        raise ConfigError(f"--device {device_name}: {error}") from None
+    if "LOCAL_RANK" not in os.environ:  # not under torchrun
+        return device, 0
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"torchrun trains on cpu or cuda, not {device.type}: pass --device cpu")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, torch.distributed.get_rank()
 
 
 def _evaluate_command(args):
@@ -3959,10 +4193,14 @@ def _command_parser():
     train.add_argument("--val-split", default="val", help="VOC split of --val (default val)")
     train.add_argument("--val-fraction", type=_fraction, default=0.1,
                        help="share of DATA held out for validation without --val (default 0.1)")
-    train.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    train.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
+                       help="images per step; under torchrun split among the processes "
+                       f"(default {TrainConfig.batch_size})")
     train.add_argument("--lr", type=float, default=TrainConfig.lr)
     train.add_argument("--seed", type=int, default=0, help="same seed, same model (default 0)")
     train.add_argument("--device", help="cpu, cuda or mps (default: the best there is)")
+    train.add_argument("--resume", action="store_true", help="go on with the unfinished run "
+                       "saved in --out, with the same DATA and options")
     evaluate = commands.add_parser("evaluate", help="AP of a model on a dataset, per class")
     evaluate.add_argument("model", help="a model file from train")
     evaluate.add_argument("data", help=data_help)
