@@ -361,7 +361,8 @@ def test_four_shell_commands_from_labelled_photos_to_onnx(exported, tmp_path, ca
     assert not (tmp_path / "m2.pt").exists() and not (tmp_path / "m3.pt").exists()
 
 
-def test_ctrl_c_in_train_leaves_the_last_complete_epoch(exported, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_in_train_leaves_the_last_complete_epoch_and_resume_goes_on(exported, tmp_path,
+                                                                         capsys, monkeypatch):
     voc, model = str(exported["voc"]), tmp_path / "model.pt"
     calls, evaluate = [], H.evaluate_map
 
@@ -375,3 +376,26 @@ def test_ctrl_c_in_train_leaves_the_last_complete_epoch(exported, tmp_path, caps
                    "--out", str(model)]) == 130
     assert "holds the model of epoch 1, the last complete one" in capsys.readouterr().err
     assert len(H.read_checkpoint(model)["history"]["loss"]) == 1
+    monkeypatch.setattr(H, "evaluate_map", evaluate)
+    # --resume goes on with the same options; other options are refused, and nothing is written
+    before = model.read_bytes()
+    assert H.main(["train", voc, "--val", voc, "--epochs", "4", "--batch-size", "8",
+                   "--out", str(model), "--resume"]) == 2
+    assert H.main(["train", voc, "--val", voc, "--epochs", "3", "--batch-size", "8",
+                   "--out", str(tmp_path / "none.pt"), "--resume"]) == 2
+    error = capsys.readouterr().err
+    assert "was trained with epochs=3, and this run asks for 4" in error
+    assert "none.pt does not exist" in error and model.read_bytes() == before
+    assert H.main(["train", voc, "--val", voc, "--epochs", "3", "--batch-size", "8",
+                   "--out", str(model), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and "after epoch 1" in out and "epoch 1/3" not in out
+    assert "epoch 2/3" in out and "epoch 3/3" in out and "done: 3 epochs" in out
+    # the same model as a run that never stopped
+    straight = tmp_path / "straight.pt"
+    assert H.main(["train", voc, "--val", voc, "--epochs", "3", "--batch-size", "8",
+                   "--out", str(straight)]) == 0
+    a, b = H.read_checkpoint(model), H.read_checkpoint(straight)
+    assert a["history"]["loss"] == b["history"]["loss"]
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key

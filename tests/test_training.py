@@ -328,3 +328,102 @@ def test_a_missing_full_model_is_never_written_by_the_notebooks_after_07(tmp_pat
     assert "No tinyssd_bananas.pt from notebook 07" in capsys.readouterr().out
     H.save_checkpoint(H.default_checkpoint(), net)  # once 07 has saved it, it is the one used
     assert H.load_default_model()[2] == H.default_checkpoint() and len(trained) == 1
+
+
+def stop_after(epochs):
+    """An on_epoch_end that presses Ctrl-C once `epochs` epochs are done."""
+    def on_epoch_end(epoch, history):
+        if epoch + 1 == epochs:
+            raise KeyboardInterrupt
+    return on_epoch_end
+
+
+def test_a_resumed_run_is_the_run_that_never_stopped(tiny_data, tmp_path):
+    """Stopped after epoch 2 of 3 and resumed, the model and the history are bit for bit those of
+    the uninterrupted run: with momentum, flips and a cosine schedule, all of which need the saved
+    optimiser and random state."""
+    train, val = tiny_data
+    config = H.TrainConfig(epochs=3, batch_size=8, momentum=0.9)
+    cpu, straight, stopped = torch.device("cpu"), tmp_path / "straight.pt", tmp_path / "stopped.pt"
+    H.set_seed(0)
+    net = H.TinySSD(H.default_config())
+    H.train_ssd(net, train, config, cpu, val_data=val, evaluate=H.evaluate_map,
+                checkpoint=straight, progress=False)
+    H.set_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        H.train_ssd(H.TinySSD(H.default_config()), train, config, cpu, val_data=val,
+                    evaluate=H.evaluate_map, checkpoint=stopped, on_epoch_end=stop_after(2),
+                    progress=False)
+    assert len(H.read_checkpoint(stopped)["history"]["loss"]) == 2
+    H.set_seed(1)  # other starting weights: resuming replaces them
+    history = H.train_ssd(H.TinySSD(H.default_config()), train, config, cpu, val_data=val,
+                          evaluate=H.evaluate_map, checkpoint=stopped, resume=stopped,
+                          progress=False)
+    a, b = H.read_checkpoint(straight), H.read_checkpoint(stopped)
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    for key in ("loss", "fg_err", "bbox_mae", "lr", "AP50", "AP"):
+        assert a["history"][key] == b["history"][key] == history[key], key
+    # another config, other data, or a file without training state: refused, naming the cause
+    with pytest.raises(H.ConfigError, match="stopped.pt was trained with epochs=3.*asks for 4"):
+        H.train_ssd(H.TinySSD(H.default_config()), train, H.TrainConfig(epochs=4, batch_size=8,
+                    momentum=0.9), cpu, resume=stopped, progress=False)
+    with pytest.raises(H.DatasetError, match="training data differ"):
+        H.train_ssd(H.TinySSD(H.default_config()), (train[0][:8], train[1][:8]), config, cpu,
+                    resume=stopped, progress=False)
+    H.save_checkpoint(tmp_path / "plain.pt", net)
+    with pytest.raises(H.CheckpointError, match="plain.pt holds no training state"):
+        H.train_ssd(H.TinySSD(H.default_config()), train, config, cpu,
+                    resume=tmp_path / "plain.pt", progress=False)
+    with pytest.raises(H.CheckpointError, match="does not fit this model"):
+        H.train_ssd(H.TinySSD(H.default_config(num_classes=2)), train, config, cpu,
+                    resume=stopped, progress=False)
+
+
+@pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"),
+                                                 (False, False, "cpu")])
+def test_pick_device_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert H.pick_device() == torch.device(expected)
+    assert H.pick_device("cpu") == torch.device("cpu")  # a name given wins
+
+
+@pytest.mark.parametrize("device, capability, cpu_bf16, expected", [
+    ("cuda", (8, 0), False, (True, True, None)),         # Ampere and later: bf16
+    ("cuda", (7, 5), True, (False, False, "fp16")),      # a T4 or a V100: fp16 and a scaler
+    ("cpu", None, True, (True, True, None)),             # AVX512-BF16 or AMX
+    ("cpu", None, False, (False, True, None)),           # channels_last still pays in fp32
+    ("mps", None, True, (False, False, None)),
+])
+def test_precision_is_chosen_by_the_device(monkeypatch, device, capability, cpu_bf16, expected):
+    """pick_precision and pick_grad_scaler with the device mocked: nothing here has a GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # for GradScaler("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(H, "cpu_has_native_bf16", lambda: cpu_bf16)
+    device = torch.device(device)
+    scaler = H.pick_grad_scaler(device)
+    assert (*H.pick_precision(device), scaler and "fp16") == expected
+    assert scaler is None or scaler.is_enabled()
+    assert H.pick_grad_scaler(device, bf16="off") is None  # asked for fp32: fp32
+    assert H.pick_precision(device, bf16="off", channels_last="off") == (False, False)
+
+
+def test_fp16_with_a_grad_scaler_steps_and_skips_overflowing_steps(tiny_data):
+    """The fp16 path of a GPU without bf16, run on the CPU: a scaled step trains; a scale so large
+    that the gradients overflow skips the step and halves the scale, with no error."""
+    images, labels = tiny_data[0]
+    H.set_seed(0)
+    net = H.TinySSD(H.default_config())
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    config, cpu = H.TrainConfig(), torch.device("cpu")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    before = [p.detach().clone() for p in net.parameters()]
+    loss, _ = H.train_step(net, optimizer, images[:8], labels[:8], config, cpu, scaler=scaler)
+    assert math.isfinite(loss) and scaler.get_scale() == 2.0**10
+    assert not all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+    overflow = torch.amp.GradScaler("cpu", init_scale=2.0**120)
+    before = [p.detach().clone() for p in net.parameters()]
+    H.train_step(net, optimizer, images[:8], labels[:8], config, cpu, scaler=overflow)
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+    assert overflow.get_scale() == 2.0**119
