@@ -1966,14 +1966,13 @@ def train_ssd(net, train_data, config, device, *, val_data=None, evaluate=None, 
     trains on its part of every batch of config.batch_size images, and only the first one
     validates, saves, calls on_epoch_end and shows progress.
     """
-    _check_before_training(net, train_data, val_data, evaluate, config, augment)
+    _check_before_training(net, train_data, val_data, evaluate, config, augment, checkpoint)
     if config.keep_freed_memory:
         keep_freed_memory()
-    rank, world = _rank_and_world()
+    rank = _rank_and_world()[0]
     precision = pick_precision(device, config.bf16, config.channels_last)  # (bf16, channels_last)
     net.to(device, memory_format=torch.channels_last if precision[1] else torch.contiguous_format)
-    model = net if world == 1 else nn.parallel.DistributedDataParallel(
-        net, device_ids=[device] if device.type == "cuda" else None)  # averages the gradients
+    model = _in_every_process(net, device)
     optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
@@ -2000,9 +1999,8 @@ def train_ssd(net, train_data, config, device, *, val_data=None, evaluate=None, 
                             **({"AP50": f"{row['AP50']:.3f}"} if row["AP50"] is not None else {}))
             if rank == 0 and checkpoint is not None:
                 save_checkpoint(checkpoint, net, train_config=dataclasses.asdict(config),
-                                history=_per_epoch(history), resume={
-                                    "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
-                                    "generator": generator.get_state(), "data": data_hash})
+                                history=_per_epoch(history),
+                                resume=_training_progress(epoch, optimizer, generator, data_hash))
             if rank == 0 and on_epoch_end is not None:
                 on_epoch_end(epoch, history)
     return history
@@ -2079,6 +2077,15 @@ def _in_any_process(flag, device):
     return bool(flag)
 
 
+def _in_every_process(net, device):
+    """net, or under torchrun net in a DistributedDataParallel: each backward pass then averages
+    the gradients of all processes."""
+    if _rank_and_world()[1] == 1:
+        return net
+    return nn.parallel.DistributedDataParallel(
+        net, device_ids=[device] if device.type == "cuda" else None)
+
+
 def _check_processes_agree(net, device):
     """RuntimeError unless every process holds the same weights, as DistributedDataParallel keeps
     them: the model the first process saves is the model of all."""
@@ -2112,6 +2119,12 @@ def _data_hash(data):
     for tensor in data:
         digest.update(tensor.detach().cpu().contiguous().numpy())
     return digest.hexdigest()
+
+
+def _training_progress(epoch, optimizer, generator, data_hash):
+    """What a checkpoint keeps so that a run can go on after ``epoch`` (counted from 0)."""
+    return {"epoch": epoch + 1, "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(), "data": data_hash}
 
 
 def _resume(path, config, data_hash, net, optimizer, generator, history):
@@ -2161,9 +2174,11 @@ def _training_state(path, config, data_hash=None):
     return checkpoint
 
 
-def _check_before_training(net, train_data, val_data, evaluate, config, augment):
-    """Refuse a model that already holds NaN, data that fail check_images or check_labels, and
-    options that do not go together."""
+def _check_before_training(net, train_data, val_data, evaluate, config, augment,
+                           checkpoint=None):
+    """Refuse a model that already holds NaN, data that fail check_images or check_labels, options
+    that do not go together, and a checkpoint path that holds a file save_checkpoint did not
+    write."""
     bad = _non_finite_tensors(net.state_dict())
     if bad:
         raise FloatingPointError(f"the model already holds NaN or inf (in {bad[0]}) before "
@@ -2179,6 +2194,8 @@ def _check_before_training(net, train_data, val_data, evaluate, config, augment)
     for name, data in (("train_data", train_data), ("val_data", val_data)):
         if data is not None:
             _check_data(net, name, data)
+    if checkpoint is not None:
+        _check_can_save(pathlib.Path(checkpoint), {})
 
 
 def _check_data(net, name, data):

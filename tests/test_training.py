@@ -427,3 +427,16 @@ def test_fp16_with_a_grad_scaler_steps_and_skips_overflowing_steps(tiny_data):
     H.train_step(net, optimizer, images[:8], labels[:8], config, cpu, scaler=overflow)
     assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
     assert overflow.get_scale() == 2.0**119
+
+
+def test_a_checkpoint_path_holding_a_users_file_is_refused_before_training(tiny_data, tmp_path,
+                                                                           monkeypatch):
+    steps = []
+    monkeypatch.setattr(H, "train_step", lambda *args, **kwargs: steps.append(1))
+    mine = tmp_path / "notes.pt"
+    mine.write_text("my notes")
+    with pytest.raises(FileExistsError, match="notes.pt exists and was not written by"):
+        H.train_ssd(H.TinySSD(H.default_config()), tiny_data[0],
+                    H.TrainConfig(epochs=1, batch_size=8), torch.device("cpu"), checkpoint=mine,
+                    progress=False)
+    assert steps == [] and mine.read_text() == "my notes"
