@@ -4070,6 +4070,9 @@ def _train_command(args):
         net, saved = load_model(out)
         _check_same_classes(out, saved.class_names, class_names)
         done = len(_training_state(out, config)["history"]["loss"])
+        if done == config.epochs:
+            print(f"{out} already holds all {done} epochs of this run: nothing to train")
+            return 0
     else:
         net, done = TinySSD(default_config(class_names=class_names)), 0
         _check_can_save(out, net.state_dict())  # before any training
@@ -4112,9 +4115,9 @@ def _train_command(args):
 def _check_same_classes(path, saved, names):
     """DatasetError unless the model at path was trained on classes named as the data's."""
     if tuple(saved or ()) != tuple(names):
-        raise DatasetError(f"{path} was trained on the classes {', '.join(map(str, saved or ()))}"
-                           f", and the data hold {', '.join(names)}: resume with the same data, "
-                           "or start a new run.")
+        trained_on = f"the classes {', '.join(saved)}" if saved else "classes without names"
+        raise DatasetError(f"{path} was trained on {trained_on}, and the data hold "
+                           f"{', '.join(names)}: resume with the same data, or start a new run.")
 
 
 def _start_processes(device_name):
@@ -4201,7 +4204,11 @@ def _command_parser():
     data_help = "a VOC folder, a COCO .json or a .csv"
     check = commands.add_parser("validate", help="report every problem of a dataset")
     check.add_argument("path", help=data_help)
-    train = commands.add_parser("train", help="train a TinySSD on a dataset")
+    train = commands.add_parser(
+        "train", help="train a TinySSD on a dataset",
+        epilog="On several processes: torchrun --standalone --nproc_per_node=N -m ssd_helpers "
+        "train ... (each process trains on its part of every batch; the first one prints and "
+        "saves).")
     train.add_argument("data", help=data_help)
     train.add_argument("--epochs", type=int, default=20, help="default 20")
     train.add_argument("--out", required=True, help="the model file, saved after every epoch")
@@ -4213,7 +4220,8 @@ def _command_parser():
     train.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
                        help="images per step; under torchrun split among the processes "
                        f"(default {TrainConfig.batch_size})")
-    train.add_argument("--lr", type=float, default=TrainConfig.lr)
+    train.add_argument("--lr", type=float, default=TrainConfig.lr,
+                       help=f"peak learning rate (default {TrainConfig.lr})")
     train.add_argument("--seed", type=int, default=0, help="same seed, same model (default 0)")
     train.add_argument("--device", help="cpu, cuda or mps (default: the best there is)")
     train.add_argument("--resume", action="store_true", help="go on with the unfinished run "

@@ -391,6 +391,9 @@ def test_ctrl_c_in_train_leaves_the_last_complete_epoch_and_resume_goes_on(expor
     out = capsys.readouterr().out
     assert "resuming" in out and "after epoch 1" in out and "epoch 1/3" not in out
     assert "epoch 2/3" in out and "epoch 3/3" in out and "done: 3 epochs" in out
+    assert H.main(["train", voc, "--val", voc, "--epochs", "3", "--batch-size", "8",
+                   "--out", str(model), "--resume"]) == 0
+    assert "already holds all 3 epochs of this run: nothing to train" in capsys.readouterr().out
     # the same model as a run that never stopped
     straight = tmp_path / "straight.pt"
     assert H.main(["train", voc, "--val", voc, "--epochs", "3", "--batch-size", "8",
