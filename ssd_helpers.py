@@ -4063,19 +4063,10 @@ def _train_command(args):
                          seed=args.seed)
     set_seed(config.seed)
     out = pathlib.Path(args.out)
-    if args.resume:
-        if not out.exists():
-            raise FileNotFoundError(f"--resume: {out} does not exist, so there is no run to go on "
-                                    "with. Drop --resume to start one.")
-        net, saved = load_model(out)
-        _check_same_classes(out, saved.class_names, class_names)
-        done = len(_training_state(out, config)["history"]["loss"])
-        if done == config.epochs:
-            print(f"{out} already holds all {done} epochs of this run: nothing to train")
-            return 0
-    else:
-        net, done = TinySSD(default_config(class_names=class_names)), 0
-        _check_can_save(out, net.state_dict())  # before any training
+    net, done = _model_to_train(out, args.resume, config, class_names)
+    if done == config.epochs:
+        print(f"{out} already holds all {done} epochs of this run: nothing to train")
+        return 0
     device, rank = _start_processes(args.device)
     saved_epochs = [done] if done else []  # the epochs whose model is in out
 
@@ -4110,6 +4101,21 @@ def _train_command(args):
         print(f"done: {config.epochs} epochs in {sum(history['time']) / 60:.1f} min; validation "
               f"AP@0.5 {history['AP50'][-1]:.3f}, AP@[.5:.95] {history['AP'][-1]:.3f}; model in "
               f"{out}")
+
+
+def _model_to_train(out, resume, config, class_names):
+    """(TinySSD, epochs done) for `train`: a new model (0), or with --resume the one in out and the
+    epochs it holds, once out is known to be a run of this config on these classes."""
+    if not resume:
+        net = TinySSD(default_config(class_names=class_names))
+        _check_can_save(out, net.state_dict())  # before any training
+        return net, 0
+    if not out.exists():
+        raise FileNotFoundError(f"--resume: {out} does not exist, so there is no run to go on "
+                                "with. Drop --resume to start one.")
+    net, saved = load_model(out)
+    _check_same_classes(out, saved.class_names, class_names)
+    return net, len(_training_state(out, config)["history"]["loss"])
 
 
 def _check_same_classes(path, saved, names):
