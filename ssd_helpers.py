@@ -119,9 +119,9 @@ __all__ = [
     # 7. Training
     "TrainConfig", "IMAGENET_MEAN", "IMAGENET_STD", "default_config", "default_checkpoint",
     "hflip_batch", "hard_negative_mask", "focal_loss", "calc_loss", "batch_metrics",
-    "cpu_has_native_bf16", "pick_precision", "pick_grad_scaler", "lr_at", "CheckpointError",
-    "save_checkpoint", "read_checkpoint", "train_step", "keep_freed_memory", "train_ssd",
-    "detect_images", "live_plot", "train_default_model",
+    "cpu_has_native_bf16", "pick_precision", "pick_grad_scaler", "batch_part", "lr_at",
+    "CheckpointError", "save_checkpoint", "read_checkpoint", "train_step", "keep_freed_memory",
+    "train_ssd", "detect_images", "live_plot", "train_default_model",
     # 8. Prediction
     "load_model", "load_default_model", "to_image_tensor", "detect", "show_detections",
     # 9. Evaluation
@@ -1690,6 +1690,10 @@ def save_checkpoint(path, net, **extra):
 def _check_can_save(path, state_dict):
     """FileExistsError if path is a file save_checkpoint did not write; CheckpointError if a weight
     is NaN or inf."""
+    for folder in path.parents:
+        if folder.exists() and not folder.is_dir():
+            raise FileExistsError(f"{folder} is a file, not a folder, so {path} cannot be saved; "
+                                  "nothing was written. Save the model under another path.")
     if (path.exists() or path.is_symlink()) and not _is_checkpoint(path):
         raise FileExistsError(f"{path} exists and was not written by save_checkpoint; "
                               "nothing was written. "
@@ -1820,17 +1824,23 @@ def _check_loss(losses, ids):
 
 def _backward_and_step(net, optimizer, loss, scaler):
     """loss.backward() and one optimizer step. With a GradScaler (fp16) the loss is scaled, and a
-    step whose gradients overflowed is skipped while the scaler lowers its scale: in fp16 training
-    that is routine, not an error."""
+    step whose gradients overflowed is skipped while the scaler halves its scale: in fp16 training
+    that is routine, not an error, until the scale falls below 1."""
     if scaler is None:
         loss.backward()
         _check_gradients(net)
         _step_or_undo(net, optimizer, optimizer.step)
-    else:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
+        return
+    scale = scaler.get_scale()
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    try:
         _step_or_undo(net, optimizer, lambda: scaler.step(optimizer))
+    finally:
         scaler.update()
+    if scaler.get_scale() < min(scale, 1.0):  # skipped, and the gradients overflow unscaled
+        raise FloatingPointError("the gradient is NaN or inf although the loss is finite, even "
+                                 "with the fp16 loss scale lowered below 1")
 
 
 def _check_gradients(net):
@@ -1977,12 +1987,13 @@ def train_ssd(net, train_data, config, device, *, val_data=None, evaluate=None, 
                                 weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     history = {key: [] for key in _HISTORY_KEYS}
-    history |= {"bf16": precision[0], "channels_last": precision[1], "device": str(device)}
     step_options = dict(use_bf16=precision[0], use_cl=precision[1],
                         scaler=pick_grad_scaler(device, config.bf16))
-    data_hash = _data_hash(train_data) if checkpoint or resume else None
+    history |= {"bf16": precision[0], "fp16": step_options["scaler"] is not None,
+                "channels_last": precision[1], "device": str(device)}
+    data_hash = _data_hash((*train_data, *(val_data or ()))) if checkpoint or resume else None
     done = 0 if resume is None else _resume(resume, config, data_hash, net, optimizer, generator,
-                                            history)
+                                            step_options["scaler"], history)
     steps = math.ceil(len(train_data[0]) / config.batch_size)
     with progress_bar(total=steps * config.epochs, initial=steps * done, desc="training",
                       disable=not progress or rank > 0) as bar:
@@ -2000,7 +2011,8 @@ def train_ssd(net, train_data, config, device, *, val_data=None, evaluate=None, 
             if rank == 0 and checkpoint is not None:
                 save_checkpoint(checkpoint, net, train_config=dataclasses.asdict(config),
                                 history=_per_epoch(history),
-                                resume=_training_progress(epoch, optimizer, generator, data_hash))
+                                resume=_training_progress(epoch, optimizer, generator,
+                                                          step_options["scaler"], data_hash))
             if rank == 0 and on_epoch_end is not None:
                 on_epoch_end(epoch, history)
     return history
@@ -2024,7 +2036,7 @@ def _train_epoch(net, optimizer, train_data, config, device, epoch, generator, a
                    steps_per_epoch, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        part, share = _my_part(len(X))
+        part, share = batch_part(len(X), *_rank_and_world())
         try:
             loss, counts = train_step(net, optimizer, X[part], Y[part], config, device,
                                       ids=idx[part], share=share, **step_options)
@@ -2056,12 +2068,15 @@ def _rank_and_world():
     return 0, 1
 
 
-def _my_part(batch_size):
-    """(slice of a batch this process trains on, its share): the processes take consecutive parts
-    of about batch_size / world images. share = world x part / batch_size, so that the gradients
-    DistributedDataParallel averages are the whole batch's mean. A process left without an image
-    trains on the first one with share 0: it still takes part in the average."""
-    rank, world = _rank_and_world()
+def batch_part(batch_size, rank=0, world=1):
+    """(slice of a batch that process ``rank`` of ``world`` trains on, its share). Used by train_ssd
+    (07_training).
+
+    The processes take consecutive parts of about batch_size / world images. share = world x part
+    / batch_size, so that the gradients DistributedDataParallel averages are the whole batch's
+    mean. A process left without an image trains on the first one with share 0: it still takes
+    part in the average, and adds nothing to it. In one process: (slice(0, batch_size), 1.0).
+    """
     start, stop = rank * batch_size // world, (rank + 1) * batch_size // world
     if start == stop:
         return slice(0, 1), 0.0
@@ -2121,23 +2136,26 @@ def _data_hash(data):
     return digest.hexdigest()
 
 
-def _training_progress(epoch, optimizer, generator, data_hash):
+def _training_progress(epoch, optimizer, generator, scaler, data_hash):
     """What a checkpoint keeps so that a run can go on after ``epoch`` (counted from 0)."""
     return {"epoch": epoch + 1, "optimizer": optimizer.state_dict(),
-            "generator": generator.get_state(), "data": data_hash}
+            "generator": generator.get_state(), "data": data_hash,
+            "scaler": None if scaler is None else scaler.state_dict()}
 
 
-def _resume(path, config, data_hash, net, optimizer, generator, history):
-    """Load an unfinished run's weights, optimiser and random state and history from the checkpoint
-    at path into the other arguments; return the number of epochs it had done."""
+def _resume(path, config, data_hash, net, optimizer, generator, scaler, history):
+    """Load an unfinished run's weights, optimiser, random and loss-scale state and history from the
+    checkpoint at path into the other arguments; return the number of epochs it had done."""
     path = pathlib.Path(path)
-    checkpoint = _training_state(path, config, data_hash)
+    checkpoint = _training_state(path, config, data_hash, net.config)
     state = checkpoint["resume"]
     try:
         net.load_state_dict(checkpoint["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as error:
+        if scaler is not None and state.get("scaler") is not None:  # same kind of GPU
+            scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
         raise CheckpointError(f"{path} cannot be resumed: its saved state does not fit this model "
                               f"({str(error).splitlines()[0][:200]}). Start a new run.") from None
     bad = _non_finite_tensors(net.state_dict())
@@ -2148,30 +2166,53 @@ def _resume(path, config, data_hash, net, optimizer, generator, history):
     return state["epoch"]
 
 
-def _training_state(path, config, data_hash=None):
-    """The checkpoint at path if a run of ``config`` (on data with ``data_hash``) can resume from
-    it; CheckpointError, ConfigError or DatasetError naming the file and what to do otherwise."""
+def _training_state(path, config, data_hash=None, net_config=None):
+    """The checkpoint at path if a run of ``config`` (of a model with ``net_config``, on data with
+    ``data_hash``) can resume from it; CheckpointError, ConfigError or DatasetError naming the file
+    and what to do otherwise."""
     checkpoint = read_checkpoint(path)
     state, history = checkpoint.get("resume"), checkpoint.get("history")
     done = state.get("epoch") if isinstance(state, dict) else None
-    if not (isinstance(done, int) and done >= 1 and isinstance(history, dict)
-            and all(len(history.get(key, ())) == done for key in _HISTORY_KEYS)):
+    if not (type(done) is int and done >= 1 and _is_history(history, done)
+            and isinstance(state.get("data"), str)):
         raise CheckpointError(f"{path} holds no training state to resume from (a model saved by "
                               "save_checkpoint alone, or damaged). Start a new run.")
-    saved = checkpoint.get("train_config")
-    saved = saved if isinstance(saved, dict) else {}
-    changed = [key for key, value in dataclasses.asdict(config).items()
-               if key != "keep_freed_memory" and saved.get(key) != value]
-    if changed:
-        key = changed[0]
-        raise ConfigError(f"{path} was trained with {key}={saved.get(key)!r}, and this run asks "
-                          f"for {getattr(config, key)!r}: resuming needs the same settings (the "
-                          "learning-rate schedule depends on them). Use that run's settings, or "
-                          "start a new run.")
-    if data_hash is not None and state.get("data") != data_hash:
-        raise DatasetError(f"the training data differ from the data {path} was trained on: resume "
-                           "with the same data and validation split, or start a new run.")
+    for saved, ours in ((checkpoint.get("train_config"), config),
+                        (checkpoint["config"], net_config)):
+        changed = [] if ours is None else _changed_fields(saved, ours)
+        if changed:
+            key = changed[0]
+            raise ConfigError(f"{path} was trained with {key}={_field(saved, key)}, and this run "
+                              f"asks for {getattr(ours, key)!r}: resuming needs the same settings "
+                              "(the learning-rate schedule depends on them) and the same model. "
+                              "Use that run's settings, or start a new run.")
+    if data_hash is not None and state["data"] != data_hash:
+        raise DatasetError(f"the training or validation data differ from those {path} was trained "
+                           "on: resume with the same data and validation split, or start a new "
+                           "run.")
     return checkpoint
+
+
+def _is_history(history, done):
+    """True if history holds ``done`` numbers (or None) for each of _HISTORY_KEYS."""
+    def number(value):
+        return value is None or isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(history, dict) and all(
+        isinstance(history.get(key), list) and len(history[key]) == done
+        and all(map(number, history[key])) for key in _HISTORY_KEYS)
+
+
+def _changed_fields(saved, dataclass_value):
+    """The fields of a dataclass whose value differs from the saved dict's (by repr, so that a
+    damaged value of any type compares safely); keep_freed_memory never matters."""
+    saved = saved if isinstance(saved, dict) else {}
+    return [key for key, value in dataclasses.asdict(dataclass_value).items()
+            if key != "keep_freed_memory" and (key not in saved or repr(saved[key]) != repr(value))]
+
+
+def _field(saved, key):
+    """A saved field as the error message shows it."""
+    return repr(saved[key])[:80] if isinstance(saved, dict) and key in saved else "(missing)"
 
 
 def _check_before_training(net, train_data, val_data, evaluate, config, augment,
@@ -4136,10 +4177,21 @@ def _start_processes(device_name):
         raise ConfigError(f"--device {device_name}: {error}") from None
     if "LOCAL_RANK" not in os.environ:  # not under torchrun
         return device, 0
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"torchrun trains on cpu or cuda, not {device.type}: pass --device cpu")
+    missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+               if name not in os.environ]
+    if missing:
+        raise ConfigError(f"LOCAL_RANK is set but not {', '.join(missing)}: start several "
+                          "processes with torchrun, which sets them all, or unset LOCAL_RANK")
+    if device.type not in ("cpu", "cuda") or device.index is not None:
+        raise ConfigError(f"under torchrun, --device is cpu or cuda (each process then takes the "
+                          f"GPU of its LOCAL_RANK), not {device}")
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"torchrun started a process for GPU {local_rank}, and this machine "
+                              f"has {torch.cuda.device_count()}: pass --nproc_per_node="
+                              f"{torch.cuda.device_count()}")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device, torch.distributed.get_rank()

@@ -402,3 +402,18 @@ def test_ctrl_c_in_train_leaves_the_last_complete_epoch_and_resume_goes_on(expor
     assert a["history"]["loss"] == b["history"]["loss"]
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
+
+
+def test_train_refuses_a_half_torchrun_environment_and_an_out_inside_a_file(exported, tmp_path,
+                                                                            capsys, monkeypatch):
+    voc = str(exported["voc"])
+    (tmp_path / "notes").write_text("mine")
+    assert H.main(["train", voc, "--epochs", "1", "--out", str(tmp_path / "notes" / "m.pt")]) == 2
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert H.main(["train", voc, "--epochs", "1", "--out", str(tmp_path / "m.pt")]) == 2
+    error = capsys.readouterr().err
+    assert "notes is a file, not a folder" in error and "nothing was written" in error
+    assert "LOCAL_RANK is set but not RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT" in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]

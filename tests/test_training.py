@@ -368,14 +368,14 @@ def test_a_resumed_run_is_the_run_that_never_stopped(tiny_data, tmp_path):
     with pytest.raises(H.ConfigError, match="stopped.pt was trained with epochs=3.*asks for 4"):
         H.train_ssd(H.TinySSD(H.default_config()), train, H.TrainConfig(epochs=4, batch_size=8,
                     momentum=0.9), cpu, resume=stopped, progress=False)
-    with pytest.raises(H.DatasetError, match="training data differ"):
+    with pytest.raises(H.DatasetError, match="training or validation data differ"):
         H.train_ssd(H.TinySSD(H.default_config()), (train[0][:8], train[1][:8]), config, cpu,
                     resume=stopped, progress=False)
     H.save_checkpoint(tmp_path / "plain.pt", net)
     with pytest.raises(H.CheckpointError, match="plain.pt holds no training state"):
         H.train_ssd(H.TinySSD(H.default_config()), train, config, cpu,
                     resume=tmp_path / "plain.pt", progress=False)
-    with pytest.raises(H.CheckpointError, match="does not fit this model"):
+    with pytest.raises(H.ConfigError, match="trained with num_classes=1, and this run asks for 2"):
         H.train_ssd(H.TinySSD(H.default_config(num_classes=2)), train, config, cpu,
                     resume=stopped, progress=False)
 
@@ -440,3 +440,82 @@ def test_a_checkpoint_path_holding_a_users_file_is_refused_before_training(tiny_
                     H.TrainConfig(epochs=1, batch_size=8), torch.device("cpu"), checkpoint=mine,
                     progress=False)
     assert steps == [] and mine.read_text() == "my notes"
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_batch_parts_cover_the_batch_and_shares_weight_them(world):
+    """Under torchrun each process trains on batch_part of every batch: the parts, in rank order,
+    are the batch, and world x part / batch is each one's weight in the averaged gradient (0 for a
+    stand-in image, when the last batch has fewer images than there are processes)."""
+    for batch_size in range(1, 13):
+        parts = [H.batch_part(batch_size, rank, world) for rank in range(world)]
+        covered = [i for part, share in parts if share > 0
+                   for i in range(part.start, part.stop)]
+        assert covered == list(range(batch_size))
+        assert sum(share for _, share in parts) == pytest.approx(world)
+        for part, share in parts:
+            assert share == pytest.approx(world * (part.stop - part.start) / batch_size
+                                          if share else 0.0)
+            assert part.stop - part.start >= 1  # every process runs a forward pass
+    assert H.batch_part(32) == (slice(0, 32), 1.0)
+
+
+def damaged(path, tmp_path, change):
+    """A copy of the checkpoint at path with change(checkpoint) applied."""
+    checkpoint = H.read_checkpoint(path)
+    change(checkpoint)
+    copy = tmp_path / f"damaged_{len(list(tmp_path.iterdir()))}.pt"
+    torch.save(checkpoint, copy)
+    return copy
+
+
+def test_resuming_refuses_another_model_other_validation_data_and_damaged_state(tiny_data,
+                                                                                 tmp_path):
+    train, val = tiny_data
+    config, cpu, path = H.TrainConfig(epochs=2, batch_size=8), torch.device("cpu"), tmp_path / "m"
+    with pytest.raises(KeyboardInterrupt):
+        H.train_ssd(H.TinySSD(H.default_config()), train, config, cpu, val_data=val,
+                    evaluate=H.evaluate_map, checkpoint=path, on_epoch_end=stop_after(1),
+                    progress=False)
+
+    def resume(net=None, from_path=path, val_data=val):
+        H.train_ssd(net or H.TinySSD(H.default_config()), train, config, cpu, val_data=val_data,
+                    evaluate=H.evaluate_map, resume=from_path, progress=False)
+    smaller = H.SSDConfig(**{**vars(H.default_config()), "sizes": tuple(
+        (a / 2, b / 2) for a, b in H.default_config().sizes)})
+    with pytest.raises(H.ConfigError, match="m was trained with sizes=.*and the same model"):
+        resume(H.TinySSD(smaller))
+    with pytest.raises(H.DatasetError, match="training or validation data differ"):
+        resume(val_data=(val[0][:2], val[1][:2]))
+    for change in (lambda c: c["history"].update(loss=5),
+                   lambda c: c["history"].update(loss=["x"]),
+                   lambda c: c["resume"].update(epoch=True),
+                   lambda c: c["resume"].update(data=torch.zeros(2))):
+        with pytest.raises(H.CheckpointError, match="holds no training state"):
+            resume(from_path=damaged(path, tmp_path, change))
+    with pytest.raises(H.ConfigError, match=r"trained with lr=tensor\(0.02"):
+        resume(from_path=damaged(path, tmp_path,
+                                 lambda c: c["train_config"].update(lr=torch.tensor(0.02))))
+    with pytest.raises(H.CheckpointError, match="cannot be resumed"):
+        resume(from_path=damaged(path, tmp_path, lambda c: c["resume"].update(generator=[1])))
+    resume()  # the file itself still resumes
+
+
+def test_fp16_gradients_that_overflow_at_every_scale_stop_training(tiny_data):
+    """A gradient that is inf whatever the loss scale (here by a hook) would otherwise skip every
+    step silently: below scale 1 train_step stops, with the weights unchanged and the scaler still
+    usable."""
+    images, labels = tiny_data[0]
+    net = H.TinySSD(H.default_config())
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    hook = net.cls_heads[0].bias.register_hook(lambda grad: grad * math.inf)
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(FloatingPointError, match="loss scale lowered below 1"):
+        H.train_step(net, optimizer, images[:8], labels[:8], H.TrainConfig(), torch.device("cpu"),
+                     scaler=scaler)
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+    hook.remove()
+    H.train_step(net, optimizer, images[:8], labels[:8], H.TrainConfig(), torch.device("cpu"),
+                 scaler=scaler)
+    assert not all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
