@@ -1981,19 +1981,19 @@ def train_ssd(net, train_data, config, device, *, val_data=None, evaluate=None, 
         keep_freed_memory()
     rank = _rank_and_world()[0]
     precision = pick_precision(device, config.bf16, config.channels_last)  # (bf16, channels_last)
+    scaler = pick_grad_scaler(device, config.bf16)  # fp16 on older CUDA GPUs; else None
     net.to(device, memory_format=torch.channels_last if precision[1] else torch.contiguous_format)
     model = _in_every_process(net, device)
     optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     history = {key: [] for key in _HISTORY_KEYS}
-    step_options = dict(use_bf16=precision[0], use_cl=precision[1],
-                        scaler=pick_grad_scaler(device, config.bf16))
-    history |= {"bf16": precision[0], "fp16": step_options["scaler"] is not None,
-                "channels_last": precision[1], "device": str(device)}
+    history |= {"bf16": precision[0], "fp16": scaler is not None, "channels_last": precision[1],
+                "device": str(device)}
+    step_options = dict(use_bf16=precision[0], use_cl=precision[1], scaler=scaler)
     data_hash = _data_hash((*train_data, *(val_data or ()))) if checkpoint or resume else None
     done = 0 if resume is None else _resume(resume, config, data_hash, net, optimizer, generator,
-                                            step_options["scaler"], history)
+                                            scaler, history)
     steps = math.ceil(len(train_data[0]) / config.batch_size)
     with progress_bar(total=steps * config.epochs, initial=steps * done, desc="training",
                       disable=not progress or rank > 0) as bar:
@@ -2011,8 +2011,8 @@ def train_ssd(net, train_data, config, device, *, val_data=None, evaluate=None, 
             if rank == 0 and checkpoint is not None:
                 save_checkpoint(checkpoint, net, train_config=dataclasses.asdict(config),
                                 history=_per_epoch(history),
-                                resume=_training_progress(epoch, optimizer, generator,
-                                                          step_options["scaler"], data_hash))
+                                resume=_training_progress(epoch, optimizer, generator, scaler,
+                                                          data_hash))
             if rank == 0 and on_epoch_end is not None:
                 on_epoch_end(epoch, history)
     return history
