@@ -2186,6 +2186,9 @@ def _training_state(path, config, data_hash=None, net_config=None):
                               f"asks for {getattr(ours, key)!r}: resuming needs the same settings "
                               "(the learning-rate schedule depends on them) and the same model. "
                               "Use that run's settings, or start a new run.")
+    if done > config.epochs:  # with the same config: damaged
+        raise CheckpointError(f"{path} says {done} epochs are done, of {config.epochs}: it is "
+                              "damaged. Start a new run.")
     if data_hash is not None and state["data"] != data_hash:
         raise DatasetError(f"the training or validation data differ from those {path} was trained "
                            "on: resume with the same data and validation split, or start a new "
