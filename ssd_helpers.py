@@ -4150,10 +4150,8 @@ def _train_command(args):
 def _model_to_train(out, resume, config, class_names):
     """(TinySSD, epochs done) for `train`: a new model (0), or with --resume the one in out and the
     epochs it holds, once out is known to be a run of this config on these classes."""
-    if not resume:
-        net = TinySSD(default_config(class_names=class_names))
-        _check_can_save(out, net.state_dict())  # before any training
-        return net, 0
+    if not resume:  # train_ssd refuses an out it may not write before its first step
+        return TinySSD(default_config(class_names=class_names)), 0
     if not out.exists():
         raise FileNotFoundError(f"--resume: {out} does not exist, so there is no run to go on "
                                 "with. Drop --resume to start one.")
